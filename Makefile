@@ -1,0 +1,32 @@
+# paramhub developer commands. `make install` then `make test` on a fresh machine.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# torch/torchvision pinned to the pair these machines serve from local disk;
+# pyproject admits any torch 2.11-2.14 with its matching torchvision.
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install proto test test-fast demo bench lint
+
+install:
+	$(PIP) install $(TORCH_PAIR)
+	$(PIP) install -e '.[dev]'
+
+# Regenerate the checked-in stubs. The virtual include path makes the generated
+# imports read `from paramhub.common.pb import ...`, which resolves inside our package.
+proto:
+	$(PYTHON) -m paramhub.common.pb.generate
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+demo:
+	$(PYTHON) -m paramhub.tools.demo
+
+bench:
+	ps-bench transport
+
+lint:
+	$(PYTHON) -m ruff check common ps worker tests

@@ -1,0 +1,258 @@
+"""Flat tensors <-> streams of chunk messages, with as few copies as Python allows.
+
+A chunk is the protobuf ``TensorChunk {region, offset, data}`` inside a
+``PushMessage``/``PullMessage`` (field 2). We encode it by hand from a memoryview of
+the flat buffer (one copy, into the message bytes) and parse it by hand without
+copying the payload, which measured about 20% faster end to end than building and
+parsing protobuf objects for every few MB. The bytes are exactly what the .proto
+describes: stock ``FromString`` parses what we write, and anything we cannot parse
+by hand falls back to stock parsing, so any gRPC client generated from the .proto
+interoperates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from paramhub.common.layout import Layout, LayoutError, dtype_size
+from paramhub.common.pb import paramhub_pb2 as pb
+
+if sys.byteorder != "little":  # the wire is little-endian and we copy raw memory
+    raise ImportError("paramhub needs a little-endian host")
+
+# 2 MB chunks measured best on loopback (512 KB to 8 MB tried; DESIGN.md).
+DEFAULT_CHUNK_BYTES = 2 << 20
+# gRPC's receive limit must leave room for the message framing around a chunk.
+MESSAGE_OVERHEAD_BYTES = 64
+
+_CHUNK_FIELD_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+_REGION_TAG = 0x08  # TensorChunk.region: field 1, varint
+_OFFSET_TAG = 0x10  # TensorChunk.offset: field 2, varint
+_DATA_TAG = 0x1A  # TensorChunk.data: field 3, length-delimited
+
+
+class MalformedMessage(ValueError):
+    """A message that is not valid protobuf for our schema, or breaks the stream's rules."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A decoded chunk: ``data`` is a read-only view of the received bytes."""
+
+    region: int
+    offset: int
+    data: memoryview
+
+
+# -- varints -------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while pos < len(buf) and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise MalformedMessage("truncated or overlong varint")
+
+
+# -- encoding ------------------------------------------------------------------------
+
+
+def encode_chunk(region: int, offset: int, data: memoryview | bytes) -> bytes:
+    """The serialized ``PushMessage``/``PullMessage`` carrying one chunk."""
+    n = len(data)
+    inner_head = (
+        bytes((_REGION_TAG,)) + _varint(region) + bytes((_OFFSET_TAG,)) + _varint(offset)
+        + bytes((_DATA_TAG,)) + _varint(n)
+    )
+    head = bytes((_CHUNK_FIELD_TAG,)) + _varint(len(inner_head) + n) + inner_head
+    return b"".join((head, data))
+
+
+def region_bytes(flat: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU flat tensor (no copy)."""
+    if flat.device.type != "cpu" or not flat.is_contiguous():
+        raise ValueError("regions must be contiguous CPU tensors to be sent")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def iter_chunks(
+    layout: Layout,
+    regions: list[torch.Tensor],
+    region_ids: list[int] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[tuple[int, int, memoryview]]:
+    """Splits regions into (region, element offset, byte view) pieces of at most ``chunk_bytes``."""
+    for r in range(len(layout.regions)) if region_ids is None else region_ids:
+        elem = dtype_size(layout.regions[r].dtype)
+        step = max(elem, chunk_bytes - chunk_bytes % elem)
+        view = region_bytes(regions[r])
+        for start in range(0, len(view), step):
+            yield r, start // elem, view[start : start + step]
+
+
+def encoded_chunks(
+    layout: Layout, regions: list[torch.Tensor], region_ids: list[int] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """Serialized chunk messages covering ``region_ids`` (default: all), in order."""
+    for r, offset, data in iter_chunks(layout, regions, region_ids, chunk_bytes):
+        yield encode_chunk(r, offset, data)
+
+
+# -- decoding ------------------------------------------------------------------------
+
+
+def _parse_chunk_fast(buf: memoryview) -> Chunk | None:
+    """Parses our own encoding without copying the payload; None if anything is unusual."""
+    if len(buf) < 2 or buf[0] != _CHUNK_FIELD_TAG:
+        return None
+    inner_len, pos = _read_varint(buf, 1)
+    if pos + inner_len != len(buf):
+        return None
+    region = offset = 0
+    data = None
+    while pos < len(buf):
+        tag, pos = _read_varint(buf, pos)
+        if tag == _REGION_TAG:
+            region, pos = _read_varint(buf, pos)
+        elif tag == _OFFSET_TAG:
+            offset, pos = _read_varint(buf, pos)
+        elif tag == _DATA_TAG:
+            n, pos = _read_varint(buf, pos)
+            if pos + n > len(buf):
+                raise MalformedMessage("chunk data runs past the end of the message")
+            data = buf[pos : pos + n]
+            pos += n
+        else:
+            return None  # unknown field or order: let protobuf handle it
+    return Chunk(region, offset, data if data is not None else memoryview(b""))
+
+
+def make_decoder(message_type: type) -> Callable[[bytes], object]:
+    """A gRPC deserializer for ``PushMessage`` or ``PullMessage`` streams.
+
+    Returns a ``Chunk`` for chunk messages, the header message for header messages,
+    and a ``MalformedMessage`` instance (not raised: gRPC would turn it into an
+    opaque INTERNAL error) for anything that does not parse.
+    """
+
+    def decode(raw: bytes) -> object:
+        buf = memoryview(raw)
+        try:
+            fast = _parse_chunk_fast(buf)
+            if fast is not None:
+                return fast
+            msg = message_type.FromString(raw)
+        except MalformedMessage as exc:
+            return exc
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return MalformedMessage(f"cannot parse {message_type.__name__}: {exc}")
+        which = msg.WhichOneof("msg")
+        if which == "chunk":
+            return Chunk(msg.chunk.region, msg.chunk.offset, memoryview(msg.chunk.data))
+        if which == "header":
+            return msg.header
+        return MalformedMessage(f"{message_type.__name__} carries neither header nor chunk")
+
+    return decode
+
+
+def encode_message(message: object) -> bytes:
+    """A gRPC serializer accepting pre-encoded bytes or protobuf messages."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
+decode_push_message = make_decoder(pb.PushMessage)
+decode_pull_message = make_decoder(pb.PullMessage)
+
+
+class RegionAssembler:
+    """Writes a stream of chunks into flat region buffers, checking every byte.
+
+    Chunks of a region must arrive in order and without gaps or overlaps, regions
+    in the order given; ``finish`` checks that every expected byte arrived. Any
+    violation raises ``MalformedMessage`` and the caller discards the buffers.
+    """
+
+    def __init__(self, layout: Layout, regions: list[torch.Tensor], region_ids: list[int]):
+        layout.check_regions(regions)
+        self._layout = layout
+        self._regions = regions
+        self._order = list(region_ids)
+        self._position = 0  # index into _order of the region being filled
+        self._filled = 0  # bytes filled in that region
+        self._dest = {r: regions[r].view(torch.uint8).numpy() for r in region_ids}
+
+    def add(self, chunk: Chunk) -> None:
+        """Copies one chunk's payload into its place."""
+        self._skip_full_regions()
+        if self._position >= len(self._order):
+            raise MalformedMessage(f"chunk for region {chunk.region} after all regions were complete")
+        r = self._order[self._position]
+        if chunk.region != r:
+            raise MalformedMessage(f"expected a chunk of region {r}, got region {chunk.region}")
+        spec = self._layout.regions[r]
+        elem = dtype_size(spec.dtype)
+        start = chunk.offset * elem
+        if start != self._filled:
+            raise MalformedMessage(
+                f"region {spec.name}: chunk at element {chunk.offset}, expected {self._filled // elem}"
+            )
+        n = len(chunk.data)
+        if n == 0 or n % elem:
+            raise MalformedMessage(f"region {spec.name}: chunk of {n} bytes is not a whole number of {spec.dtype}")
+        if start + n > spec.nbytes:
+            raise MalformedMessage(f"region {spec.name}: chunk runs past the region's {spec.nbytes} bytes")
+        self._dest[r][start : start + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._filled += n
+
+    def _skip_full_regions(self) -> None:
+        while self._position < len(self._order) and self._filled == self._layout.regions[self._order[self._position]].nbytes:
+            self._position += 1
+            self._filled = 0
+
+    def finish(self) -> None:
+        """Raises MalformedMessage unless every expected region is complete."""
+        self._skip_full_regions()
+        if self._position < len(self._order):
+            spec = self._layout.regions[self._order[self._position]]
+            raise MalformedMessage(f"stream ended with region {spec.name} at {self._filled} of {spec.nbytes} bytes")
+
+
+def all_finite(regions: list[torch.Tensor], region_ids: list[int]) -> bool:
+    """True when no floating element of the given regions is NaN or infinite."""
+    return all(
+        bool(torch.isfinite(regions[r]).all()) for r in region_ids if regions[r].is_floating_point()
+    )
+
+
+__all__ = [
+    "Chunk", "DEFAULT_CHUNK_BYTES", "MalformedMessage", "RegionAssembler", "LayoutError", "all_finite",
+    "decode_pull_message", "decode_push_message", "encode_chunk", "encode_message", "encoded_chunks",
+    "iter_chunks", "region_bytes",
+]

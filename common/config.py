@@ -1,0 +1,70 @@
+"""Frozen configuration objects, built from click options (flag > PARAMHUB_* env var > default)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("sync",)
+UPDATES = ("grad",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """Every wait has a bound. Seconds."""
+
+    rpc: float = 30.0  # deadline of one unary RPC
+    transfer: float = 300.0  # deadline of one push or pull stream (102 MB on a slow link)
+    connect: float = 60.0  # how long a worker keeps retrying to reach its server
+    pull_wait: float = 20.0  # how long one Pull waits server-side for a new version
+    lease: float = 30.0  # silence after which a worker is declared lost
+    round: float | None = 300.0  # a sync round closes with what arrived after this
+    heartbeat: float = 5.0  # interval between worker heartbeats
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``ps-server`` needs."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = "resnet50"
+    num_classes: int = 1000
+    seed: int = 0
+    mode: str = "sync"
+    update: str = "grad"
+    workers: int = 1
+    backup_workers: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    max_steps: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    chunk_bytes: int = 2 << 20
+    max_threads: int = 32
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+    # After the run is done, keep answering this long so workers learn it.
+    done_grace_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything ``ps-worker`` needs."""
+
+    server: str = "127.0.0.1:50051"
+    shard: int = 0
+    num_shards: int | None = None
+    data: str = "synthetic"
+    batch_size: int = 32
+    image_size: int = 224
+    augment: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    synthetic_size: int = 4096
+    loader_workers: int = 0
+    name: str = ""
+    log_every: int = 10
+    chunk_bytes: int = 2 << 20
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

@@ -1,0 +1,302 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+
+class TensorRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_ROLE_UNSPECIFIED: _ClassVar[TensorRole]
+    TENSOR_ROLE_PARAM: _ClassVar[TensorRole]
+    TENSOR_ROLE_BUFFER: _ClassVar[TensorRole]
+
+class PushKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_KIND_UNSPECIFIED: _ClassVar[PushKind]
+    PUSH_KIND_GRADIENT: _ClassVar[PushKind]
+    PUSH_KIND_DELTA: _ClassVar[PushKind]
+
+class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PUSH_OUTCOME_UNSPECIFIED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_ACCEPTED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_DROPPED: _ClassVar[PushOutcome]
+    PUSH_OUTCOME_VALIDATED: _ClassVar[PushOutcome]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT64: DType
+TENSOR_ROLE_UNSPECIFIED: TensorRole
+TENSOR_ROLE_PARAM: TensorRole
+TENSOR_ROLE_BUFFER: TensorRole
+PUSH_KIND_UNSPECIFIED: PushKind
+PUSH_KIND_GRADIENT: PushKind
+PUSH_KIND_DELTA: PushKind
+PUSH_OUTCOME_UNSPECIFIED: PushOutcome
+PUSH_OUTCOME_ACCEPTED: PushOutcome
+PUSH_OUTCOME_DROPPED: PushOutcome
+PUSH_OUTCOME_VALIDATED: PushOutcome
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "region", "offset", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    region: int
+    offset: int
+    role: TensorRole
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., region: _Optional[int] = ..., offset: _Optional[int] = ..., role: _Optional[_Union[TensorRole, str]] = ...) -> None: ...
+
+class RegionSpec(_message.Message):
+    __slots__ = ("name", "dtype", "role", "numel")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    role: TensorRole
+    numel: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., role: _Optional[_Union[TensorRole, str]] = ..., numel: _Optional[int] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("regions", "tensors", "hash")
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[RegionSpec]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    hash: str
+    def __init__(self, regions: _Optional[_Iterable[_Union[RegionSpec, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("arch", "num_classes")
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    arch: str
+    num_classes: int
+    def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
+class RunSpec(_message.Message):
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    update: str
+    num_workers: int
+    local_steps: int
+    heartbeat_interval_s: float
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("worker_name", "incarnation", "observer", "shard")
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    worker_name: str
+    incarnation: int
+    observer: bool
+    shard: int
+    def __init__(self, worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("worker_id", "model", "layout", "version", "run", "server_epoch", "max_chunk_bytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    model: ModelSpec
+    layout: Layout
+    version: int
+    run: RunSpec
+    server_epoch: str
+    max_chunk_bytes: int
+    def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("worker_id", "min_version", "layout_hash")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    min_version: int
+    layout_hash: str
+    def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("version", "layout_hash", "done", "server_epoch")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    layout_hash: str
+    done: bool
+    server_epoch: str
+    def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("region", "offset", "data")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    offset: int
+    data: bytes
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PullMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    sequence: int
+    base_version: int
+    kind: PushKind
+    layout_hash: str
+    num_samples: int
+    loss: float
+    dry_run: bool
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class PushMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("outcome", "version", "next_version", "done", "server_epoch")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    outcome: PushOutcome
+    version: int
+    next_version: int
+    done: bool
+    server_epoch: str
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., next_version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "incarnation")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("version", "done", "server_epoch")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    done: bool
+    server_epoch: str
+    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id", "incarnation")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "worker_name", "incarnation", "pushes_accepted", "pushes_dropped", "last_base_version", "seconds_since_seen", "alive", "last_loss")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LAST_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    worker_name: str
+    incarnation: int
+    pushes_accepted: int
+    pushes_dropped: int
+    last_base_version: int
+    seconds_since_seen: float
+    alive: bool
+    last_loss: float
+    def __init__(self, worker_id: _Optional[int] = ..., worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., pushes_dropped: _Optional[int] = ..., last_base_version: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., last_loss: _Optional[float] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    mode: str
+    update: str
+    done: bool
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    round_pushes: int
+    pushes_rejected: int
+    server_epoch: str
+    last_loss: float
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,82 @@
+"""ps-server: run a parameter server.
+
+Every option can also come from an environment variable named PARAMHUB_ plus the
+option in upper case (``--lr`` → ``PARAMHUB_LR``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+
+import click
+
+from paramhub.common.config import MODES, UPDATES, ServerConfig, Timeouts
+from paramhub.common.models import ARCHS
+from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
+
+log = logging.getLogger("paramhub.ps")
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+@click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
+@click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=50051, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
+@click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Architecture (torchvision).")
+@click.option("--num-classes", default=1000, type=click.IntRange(min=1), help="Classes of the head.")
+@click.option("--seed", default=0, type=int, help="Seed of the initial weights.")
+@click.option("--mode", default="sync", type=click.Choice(MODES), help="Consistency mode.")
+@click.option("--update", default="grad", type=click.Choice(UPDATES), help="What workers push.")
+@click.option("--workers", default=1, type=click.IntRange(min=1), help="N: workers a sync round expects.")
+@click.option("--backup-workers", default=0, type=click.IntRange(min=0), help="b: a round closes after N-b pushes.")
+@click.option("--lr", default=0.1, type=float, callback=_positive, help="Server SGD learning rate.")
+@click.option("--momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="SGD momentum.")
+@click.option("--nesterov/--no-nesterov", default=False, help="Nesterov momentum.")
+@click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0), help="SGD weight decay.")
+@click.option("--max-steps", default=None, type=click.IntRange(min=1), help="End the run at this global version.")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False), help="Where checkpoints go.")
+@click.option("--checkpoint-every", default=0, type=click.IntRange(min=0), help="Checkpoint every V versions (0: end only).")
+@click.option("--keep-checkpoints", default=3, type=click.IntRange(min=1), help="How many checkpoints to keep.")
+@click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
+@click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
+@click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def main(host, port, model, num_classes, seed, mode, update, workers, backup_workers, lr, momentum, nesterov,
+         weight_decay, max_steps, checkpoint_dir, checkpoint_every, keep_checkpoints, lease_timeout,
+         round_timeout, pull_wait, log_level):
+    """Run a parameter server that holds the global model and applies the workers' updates."""
+    setup_logging(log_level)
+    keep_freed_memory_resident()
+    if backup_workers >= workers:
+        raise click.BadParameter(f"must be fewer than --workers ({workers})", param_hint="--backup-workers")
+    config = ServerConfig(
+        host=host, port=port, model=model, num_classes=num_classes, seed=seed, mode=mode, update=update,
+        workers=workers, backup_workers=backup_workers, lr=lr, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
+    )
+    from paramhub.ps.server import PSServer  # imports torch: keep --help fast
+
+    server = PSServer(config)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: server.stop())
+    server.run_until_done()
+    log.info("[server] stopped at version %d%s", server.store.version,
+             f"; final checkpoint {server.last_checkpoint}" if server.last_checkpoint else "")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Who the workers are: ids, incarnations, leases, progress, and the dedup memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+from paramhub.ps.errors import FailedPrecondition, NotFound
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    """What the server knows about one worker (or observer)."""
+
+    worker_id: int
+    name: str
+    incarnation: int
+    observer: bool
+    shard: int
+    last_seen: float
+    alive: bool = True
+    pushes_accepted: int = 0
+    pushes_dropped: int = 0
+    last_base_version: int = 0
+    last_loss: float = float("nan")
+    last_sequence: int = 0
+    last_reply: object = None  # the reply to last_sequence, returned again for a retry
+
+
+class WorkerRegistry:
+    """Tracks workers; thread-safe.
+
+    Args:
+        lease_timeout: seconds of silence after which a worker is declared lost.
+        clock: injectable monotonic clock (tests).
+        on_lost: called with each record whose lease expires.
+    """
+
+    def __init__(self, lease_timeout: float, clock: Callable[[], float] = time.monotonic,
+                 on_lost: Callable[[WorkerRecord], None] | None = None):
+        self.lease_timeout = lease_timeout
+        self._clock = clock
+        self._on_lost = on_lost or (lambda record: None)
+        self._lock = threading.Lock()
+        self._by_id: dict[int, WorkerRecord] = {}
+        self._by_name: dict[str, int] = {}
+
+    def join(self, name: str, incarnation: int, observer: bool, shard: int) -> WorkerRecord:
+        """Registers a worker; the same name keeps its id across incarnations.
+
+        A join repeated with the same incarnation returns the same record (retry);
+        a newer incarnation replaces the old one, whose pushes are refused from then on.
+        """
+        with self._lock:
+            now = self._clock()
+            existing = self._by_id.get(self._by_name[name]) if name in self._by_name else None
+            if existing is not None:
+                if incarnation < existing.incarnation:
+                    raise FailedPrecondition(
+                        f"worker {name!r} incarnation {incarnation} is older than the live {existing.incarnation}")
+                if incarnation > existing.incarnation:
+                    existing.incarnation = incarnation
+                    existing.last_sequence = 0
+                    existing.last_reply = None
+                existing.alive = True
+                existing.last_seen = now
+                existing.shard = shard
+                return dataclasses.replace(existing)
+            worker_id = len(self._by_id) + 1
+            record = WorkerRecord(worker_id, name or f"worker-{worker_id}", incarnation, observer, shard, now)
+            self._by_id[worker_id] = record
+            if name:
+                self._by_name[name] = worker_id
+            return dataclasses.replace(record)
+
+    def get(self, worker_id: int, incarnation: int) -> WorkerRecord:
+        """The live record (not a copy) for a call from (worker_id, incarnation); renews the lease.
+
+        Raises:
+            NotFound: unknown id.
+            FailedPrecondition: an old incarnation.
+        """
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is None:
+                raise NotFound(f"unknown worker id {worker_id}; join first")
+            if incarnation != record.incarnation:
+                raise FailedPrecondition(
+                    f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
+            record.last_seen = self._clock()
+            if not record.alive:
+                record.alive = True
+            return record
+
+    def leave(self, worker_id: int, incarnation: int) -> None:
+        """Ends a worker's lease now."""
+        record = self.get(worker_id, incarnation)
+        with self._lock:
+            record.alive = False
+
+    def expire(self) -> list[WorkerRecord]:
+        """Declares silent workers lost; returns the newly lost ones."""
+        lost = []
+        with self._lock:
+            now = self._clock()
+            for record in self._by_id.values():
+                if record.alive and not record.observer and now - record.last_seen > self.lease_timeout:
+                    record.alive = False
+                    lost.append(record)
+        for record in lost:
+            self._on_lost(record)
+        return lost
+
+    def trainers(self) -> list[WorkerRecord]:
+        """Copies of all non-observer records."""
+        with self._lock:
+            return [dataclasses.replace(r) for r in self._by_id.values() if not r.observer]
+
+    def lost_trainers(self) -> int:
+        """How many joined trainers are not alive (lease expired or left)."""
+        with self._lock:
+            return sum(1 for r in self._by_id.values() if not r.observer and not r.alive)
+
+    def seconds_since_seen(self, record: WorkerRecord) -> float:
+        """Age of the worker's last contact."""
+        return max(0.0, self._clock() - record.last_seen)

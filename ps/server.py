@@ -1,0 +1,159 @@
+"""Wires a parameter server together: model → layout → store, rule, engine, servicer, gRPC.
+
+``PSServer(config).start()`` returns the bound port (use port 0 in tests);
+``run_until_done()`` blocks until the run finishes or ``stop()`` is called, writing
+checkpoints on the way and a final one at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from paramhub.common import checkpoint, codec
+from paramhub.common.config import ServerConfig
+from paramhub.common.layout import Layout
+from paramhub.common.models import build_model
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.ps.consistency import SyncRounds, Ticker
+from paramhub.ps.registry import WorkerRegistry
+from paramhub.ps.rules import SGDRule
+from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
+from paramhub.ps.store import ParameterStore
+
+log = logging.getLogger("paramhub.ps")
+
+# Keepalive: notice dead peers within a minute even when no RPC is in flight.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class PSServer:
+    """One parameter-server process.
+
+    Args:
+        config: the server's settings.
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        model = build_model(config.model, config.num_classes, config.seed)
+        self.layout = Layout.from_model(model)
+        self.store = ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
+        del model
+        self.registry = WorkerRegistry(
+            config.timeouts.lease,
+            on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
+                                          r.name, r.worker_id, config.timeouts.lease))
+        rule = SGDRule(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                       nesterov=config.nesterov)
+        self.engine = SyncRounds(self.store, rule, self.registry, num_workers=config.workers,
+                                 backup_workers=config.backup_workers, round_timeout=config.timeouts.round,
+                                 max_versions=config.max_steps)
+        self.servicer = ParameterServerServicer(
+            self.engine,
+            pb.ModelSpec(arch=config.model, num_classes=config.num_classes),
+            pb.RunSpec(mode=config.mode, update=config.update, num_workers=config.workers, local_steps=1,
+                       heartbeat_interval_s=config.timeouts.heartbeat),
+            chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
+            expected_kind=pb.PUSH_KIND_GRADIENT,
+        )
+        self._health = health.HealthServicer()
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="ps-rpc"),
+            options=KEEPALIVE_OPTIONS + [
+                ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
+                ("grpc.max_send_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
+            ],
+        )
+        add_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self._ticker = Ticker(self.engine)
+        self._stop = threading.Event()
+        self.port: int | None = None
+        self.last_checkpoint: str | None = None
+
+    def start(self) -> int:
+        """Binds and starts serving; returns the port (useful with port 0)."""
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen on {address}: {exc}") from None
+        self._grpc.start()
+        self._ticker.start()
+        self._set_serving(True)
+        log.info("serving %s (%d tensors, %.1f MB) on %s:%d, mode %s, update %s, %d workers",
+                 self.config.model, len(self.layout.tensors), self.layout.nbytes / 1e6, self.config.host,
+                 self.port, self.config.mode, self.config.update, self.config.workers)
+        return self.port
+
+    def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            self._health.set(name, status)
+
+    def stop(self) -> None:
+        """Asks ``run_until_done`` to finish (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def checkpoint(self) -> str | None:
+        """Writes a checkpoint of the current version; returns its path (None without a directory)."""
+        if not self.config.checkpoint_dir:
+            return None
+        snap, rule_state = self.store.checkpoint_state()
+        server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
+                        for r, tensors in rule_state.items() for key, t in tensors.items()}
+        path = checkpoint.save_checkpoint(
+            self.config.checkpoint_dir, snap.version, self.layout.views(snap.regions), server_state,
+            metadata={"model": self.config.model, "num_classes": self.config.num_classes,
+                      "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update},
+            keep_last=self.config.keep_checkpoints,
+        )
+        self.last_checkpoint = str(path)
+        log.info("checkpoint v%d written to %s", snap.version, path)
+        return self.last_checkpoint
+
+    def run_until_done(self) -> None:
+        """Serves until the run completes (``--max-steps``) or ``stop()``; then checkpoints and shuts down."""
+        seen = last_checkpoint = self.store.version
+        every = self.config.checkpoint_every
+        while not self._stop.is_set():
+            snap = self.store.wait_changed(seen, timeout=0.2)
+            seen = snap.version
+            if every and seen - last_checkpoint >= every:
+                self.checkpoint()
+                last_checkpoint = seen
+            if snap.done:
+                break
+        self.servicer.accepting = False
+        self._set_serving(False)
+        self.store.finish()  # wakes waiting pulls so workers learn the run is over
+        self.checkpoint()
+        self._drain()
+        self.shutdown()
+
+    def _drain(self) -> None:
+        """Gives workers a bounded time to learn that the run is done (they Leave)."""
+        deadline = time.monotonic() + self.config.done_grace_s
+        while time.monotonic() < deadline:
+            if not any(r.alive for r in self.registry.trainers()):
+                return
+            time.sleep(0.05)
+
+    def shutdown(self, grace: float = 2.0) -> None:
+        """Stops the gRPC server and background threads."""
+        self._ticker.stop()
+        self._grpc.stop(grace).wait(grace + 1)

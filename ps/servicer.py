@@ -1,0 +1,234 @@
+"""The thin gRPC servicer: decode, validate, hand to the store and the engine.
+
+It never branches on the consistency mode or update rule: the engine it is given
+decides. Errors are raised as ``PSError`` subclasses (or codec/layout errors) and
+turned into status codes in one place, ``_abort_on_error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import math
+import uuid
+from typing import Iterator
+
+import grpc
+
+from paramhub.common import codec
+from paramhub.common.layout import Layout, LayoutError
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.ps.consistency import ConsistencyEngine, StagedPush
+from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
+from paramhub.ps.registry import WorkerRegistry
+
+log = logging.getLogger("paramhub.ps")
+SERVICE = "paramhub.v1.ParameterServer"
+
+
+def _abort_on_error(method):
+    """Maps our exceptions to gRPC status codes; the single error table of the server."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except PSError as exc:
+            context.abort(exc.code, str(exc))
+        except (codec.MalformedMessage, LayoutError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @functools.wraps(method)
+    def stream_wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except PSError as exc:
+            context.abort(exc.code, str(exc))
+        except (codec.MalformedMessage, LayoutError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    return stream_wrapper if inspect.isgeneratorfunction(method) else wrapper
+
+
+class ParameterServerServicer:
+    """Implements paramhub.v1.ParameterServer on top of an engine.
+
+    Args:
+        engine: the consistency engine (it holds the store, rule and registry).
+        model_spec: what workers build.
+        run_spec: the run settings workers follow.
+        chunk_bytes: payload bytes per chunk sent, and the most accepted per chunk.
+        pull_wait_s: the longest a Pull waits for a newer version.
+        expected_kind: the PushKind this run's update rule takes.
+    """
+
+    def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
+                 chunk_bytes: int, pull_wait_s: float, expected_kind: int):
+        self.engine = engine
+        self.store = engine.store
+        self.registry: WorkerRegistry = engine.registry
+        self.layout: Layout = engine.store.layout
+        self.model_spec = model_spec
+        self.run_spec = run_spec
+        self.chunk_bytes = chunk_bytes
+        self.pull_wait_s = pull_wait_s
+        self.expected_kind = expected_kind
+        self.epoch = uuid.uuid4().hex[:12]
+        self.pushes_rejected = 0
+        self._rejected_lock = threading.Lock()
+        self.accepting = True
+        self._layout_proto = self.layout.to_proto()
+        self._all_regions = list(range(len(self.layout.regions)))
+
+    # -- unary RPCs -----------------------------------------------------------------
+
+    @_abort_on_error
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
+        if not self.accepting:
+            raise Unavailable("server is shutting down")
+        record = self.registry.join(request.worker_name, request.incarnation, request.observer, request.shard)
+        log.info("%s %s joined (id %d, incarnation %d, shard %d)", "observer" if record.observer else "worker",
+                 record.name, record.worker_id, record.incarnation, record.shard)
+        return pb.JoinResponse(
+            worker_id=record.worker_id, model=self.model_spec, layout=self._layout_proto,
+            version=self.store.version, run=self.run_spec, server_epoch=self.epoch,
+            max_chunk_bytes=self.chunk_bytes,
+        )
+
+    @_abort_on_error
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        self.registry.get(request.worker_id, request.incarnation)
+        snap = self.store.snapshot()
+        return pb.HeartbeatResponse(version=snap.version, done=snap.done, server_epoch=self.epoch)
+
+    @_abort_on_error
+    def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        self.registry.leave(request.worker_id, request.incarnation)
+        log.info("worker %d left", request.worker_id)
+        return pb.LeaveResponse()
+
+    @_abort_on_error
+    def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        snap = self.store.snapshot()
+        workers = [
+            pb.WorkerStatus(
+                worker_id=r.worker_id, worker_name=r.name, incarnation=r.incarnation,
+                pushes_accepted=r.pushes_accepted, pushes_dropped=r.pushes_dropped,
+                last_base_version=r.last_base_version, seconds_since_seen=self.registry.seconds_since_seen(r),
+                alive=r.alive, last_loss=r.last_loss,
+            )
+            for r in self.registry.trainers()
+        ]
+        return pb.StatusResponse(
+            version=snap.version, mode=self.run_spec.mode, update=self.run_spec.update, done=snap.done,
+            workers=workers, round_pushes=getattr(self.engine, "round_pushes", 0),
+            pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=self.engine.last_loss,
+        )
+
+    # -- streaming RPCs -------------------------------------------------------------
+
+    @_abort_on_error
+    def Pull(self, request: pb.PullRequest, context) -> Iterator[object]:
+        if request.layout_hash and request.layout_hash != self.layout.hash:
+            raise FailedPrecondition("layout hash differs from the server's; re-join to learn the layout")
+        remaining = context.time_remaining()
+        wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
+        snap = self.store.wait_for_version(request.min_version, wait)
+        yield pb.PullMessage(header=pb.PullHeader(
+            version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
+        if snap.version < request.min_version:
+            return  # header only: not there yet, ask again
+        yield from codec.encoded_chunks(self.layout, snap.regions, self._all_regions, self.chunk_bytes)
+
+    @_abort_on_error
+    def Push(self, messages: Iterator[object], context) -> pb.PushResponse:
+        try:
+            return self._push(messages)
+        except (PSError, codec.MalformedMessage, LayoutError) as exc:
+            with self._rejected_lock:
+                self.pushes_rejected += 1
+            log.warning("rejected push: %s", exc)
+            raise
+
+    def _push(self, messages: Iterator[object]) -> pb.PushResponse:
+        header = next(messages, None)
+        if isinstance(header, Exception):
+            raise InvalidArgument(str(header))
+        if not isinstance(header, pb.PushHeader):
+            raise InvalidArgument("a push must start with a PushHeader")
+        if not self.accepting:
+            raise Unavailable("server is shutting down; retry against the restarted server")
+        record = self.registry.get(header.worker_id, header.incarnation)
+        self._check_header(header)
+        if header.sequence == record.last_sequence and record.last_reply is not None:
+            for _ in messages:  # a retry of an applied push: same reply, nothing applied
+                pass
+            return self._response(record.last_reply)
+        staged = self.layout.empty_regions()
+        assembler = codec.RegionAssembler(self.layout, staged, self._all_regions)
+        for message in messages:
+            if isinstance(message, Exception):
+                raise InvalidArgument(str(message))
+            if not isinstance(message, codec.Chunk):
+                raise InvalidArgument("only chunks may follow the PushHeader")
+            assembler.add(message)
+        assembler.finish()
+        if not codec.all_finite(staged, self._all_regions):
+            raise InvalidArgument("push contains NaN or infinite values; nothing was applied")
+        if header.dry_run:
+            snap = self.store.snapshot()
+            return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
+                                   next_version=snap.version, done=snap.done, server_epoch=self.epoch)
+        result = self.engine.submit(StagedPush(
+            worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
+            base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
+            loss=header.loss, regions=staged,
+        ))
+        return self._response(result)
+
+    def _check_header(self, header: pb.PushHeader) -> None:
+        if header.layout_hash != self.layout.hash:
+            raise FailedPrecondition("push layout hash differs from the server's; re-join to learn the layout")
+        if header.kind != self.expected_kind:
+            raise FailedPrecondition(
+                f"push kind {pb.PushKind.Name(header.kind) if header.kind in pb.PushKind.values() else header.kind}"
+                f" does not match this run's update ({self.run_spec.update})")
+        if header.num_samples < 1:
+            raise InvalidArgument("num_samples must be at least 1")
+        if not math.isfinite(header.loss):
+            raise InvalidArgument("reported loss is NaN or infinite")
+        if header.sequence < 1:
+            raise InvalidArgument("sequence numbers start at 1")
+
+    def _response(self, result) -> pb.PushResponse:
+        return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
+                               done=result.done, server_epoch=self.epoch)
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Registers the servicer with the hand-written codec on Push and Pull.
+
+    The generated ``add_ParameterServerServicer_to_server`` would parse every chunk
+    into a protobuf object; ours keeps the payload as a view of the received bytes.
+    The bytes on the wire are the same.
+    """
+    unary = {
+        "Join": (pb.JoinRequest, pb.JoinResponse),
+        "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatResponse),
+        "Leave": (pb.LeaveRequest, pb.LeaveResponse),
+        "Status": (pb.StatusRequest, pb.StatusResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString)
+        for name, (req, resp) in unary.items()
+    }
+    handlers["Pull"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=codec.encode_message)
+    handlers["Push"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Push, request_deserializer=codec.decode_push_message,
+        response_serializer=pb.PushResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

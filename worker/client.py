@@ -1,0 +1,204 @@
+"""PSClient: join, pull, push, heartbeat, leave, with deadlines and bounded retries.
+
+Every call has a deadline. Only idempotent calls are retried, and only on
+UNAVAILABLE (the server is not reachable yet, or restarting): Join, Pull,
+Heartbeat, Status, Leave, and Push, which the server deduplicates by
+(worker id, incarnation, sequence) so a retry is applied at most once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+
+from paramhub.common import codec
+from paramhub.common.config import Timeouts
+from paramhub.common.layout import Layout
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
+
+log = logging.getLogger("paramhub.worker")
+T = TypeVar("T")
+_SERVICE = "/paramhub.v1.ParameterServer/"
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class ServerUnreachable(ConnectionError):
+    """The server did not answer within the connect timeout."""
+
+
+class RunFailed(RuntimeError):
+    """The server refused a call for a reason retrying cannot fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinInfo:
+    """What the server told us at Join."""
+
+    worker_id: int
+    incarnation: int
+    model: pb.ModelSpec
+    layout: Layout
+    run: pb.RunSpec
+    version: int
+    server_epoch: str
+    max_chunk_bytes: int
+
+
+class PSClient:
+    """A connection to one parameter server.
+
+    Args:
+        address: ``host:port``.
+        timeouts: deadlines and the retry budget (``timeouts.connect``).
+        chunk_bytes: payload bytes per chunk pushed (capped by the server's limit).
+    """
+
+    def __init__(self, address: str, timeouts: Timeouts = Timeouts(), chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
+        self.address = address
+        self.timeouts = timeouts
+        self.chunk_bytes = chunk_bytes
+        max_message = 64 << 20
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ])
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._pull = self._channel.unary_stream(
+            _SERVICE + "Pull", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=codec.decode_pull_message)
+        self._push = self._channel.stream_unary(
+            _SERVICE + "Push", request_serializer=codec.encode_message,
+            response_deserializer=pb.PushResponse.FromString)
+        self.info: JoinInfo | None = None
+        self._sequence = 0
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "PSClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- retries --------------------------------------------------------------------
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Runs ``call``, retrying UNAVAILABLE with exponential backoff for up to ``timeouts.connect`` s."""
+        deadline = time.monotonic() + self.timeouts.connect
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ServerUnreachable(
+                        f"parameter server at {self.address} unreachable for {self.timeouts.connect:.0f}s "
+                        f"({what}): {exc.details() if hasattr(exc, 'details') else exc}") from None
+                log.debug("%s: server unavailable, retrying in %.1fs", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- RPCs -----------------------------------------------------------------------
+
+    def join(self, name: str = "", shard: int = -1, observer: bool = False, incarnation: int | None = None) -> JoinInfo:
+        """Registers with the server and learns the model, layout and run settings."""
+        incarnation = time.time_ns() if incarnation is None else incarnation
+        request = pb.JoinRequest(worker_name=name, incarnation=incarnation, observer=observer, shard=shard)
+        reply = self._retrying("join", lambda: self._stub.Join(request, timeout=self.timeouts.rpc))
+        self.info = JoinInfo(
+            worker_id=reply.worker_id, incarnation=incarnation, model=reply.model,
+            layout=Layout.from_proto(reply.layout), run=reply.run, version=reply.version,
+            server_epoch=reply.server_epoch, max_chunk_bytes=reply.max_chunk_bytes,
+        )
+        self._sequence = 0
+        return self.info
+
+    def _joined(self) -> JoinInfo:
+        if self.info is None:
+            raise RuntimeError("join first")
+        return self.info
+
+    def pull(self, regions: list, min_version: int = 0) -> pb.PullHeader:
+        """Streams the global model into ``regions`` (CPU flat buffers of the layout).
+
+        Returns the header. If its version is below ``min_version`` the server's wait
+        ended first and ``regions`` are untouched: call again.
+        """
+        info = self._joined()
+        request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash)
+        return self._retrying("pull", lambda: self._pull_once(request, regions))
+
+    def _pull_once(self, request: pb.PullRequest, regions: list) -> pb.PullHeader:
+        layout = self._joined().layout
+        stream = self._pull(request, timeout=self.timeouts.transfer + self.timeouts.pull_wait)
+        header = next(stream)
+        if not isinstance(header, pb.PullHeader):
+            raise RunFailed(f"server sent a malformed pull stream: {header}")
+        if header.version < request.min_version:
+            stream.cancel()
+            return header
+        assembler = codec.RegionAssembler(layout, regions, list(range(len(layout.regions))))
+        for message in stream:
+            if not isinstance(message, codec.Chunk):
+                raise RunFailed(f"server sent a malformed pull stream: {message}")
+            assembler.add(message)
+        assembler.finish()
+        return header
+
+    def wait_and_pull(self, regions: list, min_version: int) -> pb.PullHeader:
+        """Pulls, polling until the version reaches ``min_version`` or the run is done."""
+        while True:
+            header = self.pull(regions, min_version)
+            if header.version >= min_version or header.done:
+                return header
+
+    def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
+             dry_run: bool = False) -> pb.PushResponse:
+        """Sends one update; retried on UNAVAILABLE with the same sequence number."""
+        info = self._joined()
+        self._sequence += 1
+        header = pb.PushHeader(
+            worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
+            base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
+            loss=loss, dry_run=dry_run,
+        )
+        chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
+
+        def messages() -> Iterator[object]:
+            yield pb.PushMessage(header=header)
+            yield from codec.encoded_chunks(info.layout, regions, None, chunk_bytes)
+
+        return self._retrying("push", lambda: self._push(messages(), timeout=self.timeouts.transfer))
+
+    def heartbeat(self) -> pb.HeartbeatResponse:
+        """Renews the lease."""
+        info = self._joined()
+        request = pb.HeartbeatRequest(worker_id=info.worker_id, incarnation=info.incarnation)
+        return self._stub.Heartbeat(request, timeout=self.timeouts.rpc)
+
+    def leave(self) -> None:
+        """Ends the lease (best effort: the server expires it anyway)."""
+        info = self._joined()
+        try:
+            self._stub.Leave(pb.LeaveRequest(worker_id=info.worker_id, incarnation=info.incarnation),
+                             timeout=min(5.0, self.timeouts.rpc))
+        except grpc.RpcError as exc:
+            log.debug("leave failed: %s", exc)
+
+    def status(self) -> pb.StatusResponse:
+        """The server's status."""
+        return self._retrying("status", lambda: self._stub.Status(pb.StatusRequest(), timeout=self.timeouts.rpc))

@@ -1,0 +1,180 @@
+"""The training loop of one worker, readable top to bottom.
+
+join → build the model the server names → bind its tensors to flat buffers →
+loop { pull the global model; one forward/backward on the shard; push the
+gradients and BatchNorm statistics } until the server says the run is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from paramhub.common.config import WorkerConfig
+from paramhub.common.data import training_shard
+from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
+from paramhub.common.models import build_model
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.worker.client import PSClient, RunFailed
+
+log = logging.getLogger("paramhub.worker")
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a worker did, for its exit message and for tests."""
+
+    steps: int = 0
+    pushes_accepted: int = 0
+    pushes_dropped: int = 0
+    final_version: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RunFailed("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(requested)
+
+
+def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cycles through the loader epoch after epoch (reshuffled each time)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RunFailed("the data shard is empty")
+
+
+class Heartbeat:
+    """Renews the worker's lease on a daemon thread."""
+
+    def __init__(self, client: PSClient, interval: float):
+        self._client = client
+        self._interval = max(0.1, interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._client.heartbeat()
+            except Exception as exc:  # the training loop sees real failures itself
+                log.debug("heartbeat failed: %s", exc)
+
+
+class Trainer:
+    """Trains one shard against the parameter server.
+
+    Args:
+        config: the worker's settings.
+        client: a connected (not yet joined) PSClient.
+    """
+
+    def __init__(self, config: WorkerConfig, client: PSClient):
+        self.config = config
+        self.client = client
+
+    def run(self) -> TrainSummary:
+        """Trains until the server says the run is done; returns a summary."""
+        cfg = self.config
+        name = cfg.name or f"shard-{cfg.shard}"
+        info = self.client.join(name=name, shard=cfg.shard)
+        num_shards = cfg.num_shards or info.run.num_workers
+        prefix = f"[worker {cfg.shard}/{num_shards}]"
+        model = build_model(info.model.arch, info.model.num_classes)
+        local_layout = Layout.from_model(model)
+        if local_layout.hash != info.layout.hash:
+            raise RunFailed(
+                f"the server's {info.model.arch} has a different layout from ours; "
+                "are torch/torchvision the same version on both sides?")
+        layout = info.layout
+        device = resolve_device(cfg.device)
+        on_cuda = device.type == "cuda"
+        wire_regions = layout.empty_regions(pin_memory=on_cuda)  # what pulls write and pushes read
+        if on_cuda:
+            model.to(device)
+            model_regions = layout.empty_regions(device)
+        else:
+            model_regions = wire_regions
+        bind_model(model, layout, model_regions)
+        params = dict(model.named_parameters())
+        param_slots = [t for t in layout.tensors if t.role == PARAM]
+        param_regions = layout.region_indices(PARAM)
+        buffer_regions = layout.region_indices(BUFFER)
+        grads = {r: torch.zeros_like(wire_regions[r]) for r in param_regions}
+        push_regions = [grads.get(r, wire_regions[r]) for r in range(len(layout.regions))]
+
+        data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
+                              image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
+                              synthetic_size=cfg.synthetic_size)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size,
+                            num_workers=cfg.loader_workers, pin_memory=on_cuda,
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.shard))
+        batches = endless(loader)
+        loss_fn = nn.CrossEntropyLoss()
+        summary = TrainSummary()
+        log.info("%s joined as id %d: %s, %d classes, %d samples in shard, device %s", prefix, info.worker_id,
+                 info.model.arch, info.model.num_classes, len(data), device)
+
+        version = info.version
+        with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat):
+            while True:
+                header = self.client.wait_and_pull(wire_regions, version)
+                if header.done:
+                    summary.final_version = header.version
+                    break
+                if on_cuda:
+                    for dst, src in zip(model_regions, wire_regions):
+                        dst.copy_(src, non_blocking=True)
+
+                model.train()
+                images, labels = batches.__next__()
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                model.zero_grad(set_to_none=False)
+                loss = loss_fn(model(images), labels)
+                loss.backward()
+                for slot in param_slots:
+                    grad = params[slot.name].grad
+                    target = grads[slot.region][slot.offset : slot.offset + slot.numel]
+                    target.copy_(grad.reshape(-1)) if grad is not None else target.zero_()
+                if on_cuda:
+                    for r in buffer_regions:
+                        wire_regions[r].copy_(model_regions[r])
+                loss_value = float(loss.detach())
+                reply = self.client.push(pb.PUSH_KIND_GRADIENT, header.version, push_regions,
+                                         num_samples=len(labels), loss=loss_value)
+                summary.steps += 1
+                summary.losses.append(loss_value)
+                if reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:
+                    summary.pushes_accepted += 1
+                else:
+                    summary.pushes_dropped += 1
+                if cfg.log_every and summary.steps % cfg.log_every == 0:
+                    log.info("%s step %d: version %d, loss %.4f", prefix, summary.steps, header.version, loss_value)
+                summary.final_version = reply.version
+                if reply.done:
+                    break
+                version = reply.next_version
+        self.client.leave()
+        log.info("%s done after %d steps at version %d", prefix, summary.steps, summary.final_version)
+        return summary
