@@ -1,0 +1,53 @@
+"""Shared fixtures: an in-process parameter server on port 0, and clients for it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from paramhub.common.config import ServerConfig, Timeouts
+
+
+def fast_timeouts(**overrides) -> Timeouts:
+    """Short bounds so a broken test fails in seconds instead of hanging."""
+    return dataclasses.replace(Timeouts(rpc=10, transfer=30, connect=5, pull_wait=2, lease=5, round=20,
+                                        heartbeat=0.5), **overrides)
+
+
+@pytest.fixture
+def start_server():
+    """Starts PSServers on port 0 (mlp model by default); all are shut down after the test."""
+    from paramhub.ps.server import PSServer
+
+    servers = []
+
+    def start(**overrides) -> PSServer:
+        fields = dict(host="127.0.0.1", port=0, model="mlp", num_classes=4, workers=1, lr=0.1, momentum=0.0,
+                      timeouts=fast_timeouts(), done_grace_s=1.0)
+        fields.update(overrides)
+        server = PSServer(ServerConfig(**fields))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown(grace=0)
+
+
+@pytest.fixture
+def connect():
+    """Creates PSClients for ``host:port``; all are closed after the test."""
+    from paramhub.worker.client import PSClient
+
+    clients = []
+
+    def make(port: int, **timeout_overrides) -> PSClient:
+        client = PSClient(f"127.0.0.1:{port}", fast_timeouts(**timeout_overrides))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
