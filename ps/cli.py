@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import signal
 import sys
 
@@ -47,10 +48,12 @@ def _positive(ctx, param, value):
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
+@click.option("--port-file", default=None, type=click.Path(dir_okay=False),
+              help="Write the bound port here once listening (for --port 0).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(host, port, model, num_classes, seed, mode, update, workers, backup_workers, lr, momentum, nesterov,
          weight_decay, max_steps, checkpoint_dir, checkpoint_every, keep_checkpoints, lease_timeout,
-         round_timeout, pull_wait, log_level):
+         round_timeout, pull_wait, port_file, log_level):
     """Run a parameter server that holds the global model and applies the workers' updates."""
     setup_logging(log_level)
     keep_freed_memory_resident()
@@ -70,6 +73,10 @@ def main(host, port, model, num_classes, seed, mode, update, workers, backup_wor
         server.start()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    if port_file:
+        tmp = pathlib.Path(f"{port_file}.tmp")
+        tmp.write_text(f"{server.port}\n")
+        tmp.replace(port_file)  # readers never see a half-written file
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: server.stop())
     server.run_until_done()

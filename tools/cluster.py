@@ -1,0 +1,109 @@
+"""A local cluster of real processes: one ps-server and N ps-workers on loopback.
+
+Used by ``make demo`` and by the end-to-end tests. Every wait is bounded and every
+process is killed on the way out, whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _console(script: str) -> list[str]:
+    """The command that runs one of our console scripts with this interpreter."""
+    module = {"ps-server": "paramhub.ps.cli", "ps-worker": "paramhub.worker.cli"}[script]
+    return [sys.executable, "-m", module]
+
+
+class LocalCluster:
+    """Starts a server on a free port (``--port 0 --port-file``) and workers against it.
+
+    Args:
+        workdir: where logs and the port file go (a temp dir by default).
+        env: extra environment for every process.
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None = None, env: dict[str, str] | None = None):
+        self.workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix="paramhub-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **(env or {})}
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.port: int | None = None
+
+    def log_path(self, name: str) -> pathlib.Path:
+        return self.workdir / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.log_path(name), "wb")
+        try:
+            return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        finally:
+            log.close()  # the child has its own handle
+
+    def start_server(self, *args: str, timeout: float = 60.0) -> int:
+        """Starts ps-server with ``args`` and waits (bounded) until it listens; returns its port."""
+        port_file = self.workdir / "server.port"
+        port_file.unlink(missing_ok=True)
+        self.server = self._spawn("server", _console("ps-server") + ["--port", "0", "--port-file", str(port_file),
+                                                                     *args])
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.server.poll() is not None:
+                raise RuntimeError(f"ps-server exited with {self.server.returncode}:\n{self.read_log('server')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ps-server did not listen within {timeout}s:\n{self.read_log('server')}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_worker(self, shard: int, *args: str) -> subprocess.Popen:
+        """Starts ps-worker for ``shard`` against the server."""
+        proc = self._spawn(f"worker{shard}", _console("ps-worker") + ["--server", self.address, "--shard",
+                                                                      str(shard), *args])
+        self.workers.append(proc)
+        return proc
+
+    def wait(self, timeout: float) -> dict[str, int]:
+        """Waits for every process to exit (bounded); returns their exit codes by name."""
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, proc in [("server", self.server)] + [(f"worker{i}", w) for i, w in enumerate(self.workers)]:
+            if proc is None:
+                continue
+            try:
+                codes[name] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"{name} still running after {timeout}s:\n{self.read_log(name)}") from None
+        return codes
+
+    def read_log(self, name: str) -> str:
+        path = self.log_path(name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """Kills whatever is still running."""
+        for proc in self.workers + ([self.server] if self.server else []):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.workers + ([self.server] if self.server else []):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
