@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-MODES = ("sync",)
-UPDATES = ("grad",)
+MODES = ("sync", "async")
+UPDATES = ("grad", "avg")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+OUTER_OPTIMIZERS = ("none", "nesterov")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +37,31 @@ class ServerConfig:
     update: str = "grad"
     workers: int = 1
     backup_workers: int = 0
+    # async: the staleness bound s (None: unbounded); damping None means "on for async averaging".
+    staleness: int | None = None
+    staleness_damping: bool | None = None
+    # gradient mode: the server's optimizer and its schedule by version
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    lr_schedule: str = "constant"
+    warmup_versions: int = 0
+    lr_step_size: int = 1000
+    lr_gamma: float = 0.1
+    # averaging mode: the workers' local steps and optimizer, and the server's outer step
+    local_steps: int = 1
+    local_lr: float = 0.05
+    local_momentum: float = 0.9
+    outer_optimizer: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
     max_steps: int | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
+    resume: bool = False  # continue from the newest valid checkpoint in checkpoint_dir
     chunk_bytes: int = 2 << 20
     max_threads: int = 32
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

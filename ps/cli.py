@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from paramhub.common.config import MODES, UPDATES, ServerConfig, Timeouts
+from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 
@@ -37,36 +37,51 @@ def _positive(ctx, param, value):
 @click.option("--update", default="grad", type=click.Choice(UPDATES), help="What workers push.")
 @click.option("--workers", default=1, type=click.IntRange(min=1), help="N: workers a sync round expects.")
 @click.option("--backup-workers", default=0, type=click.IntRange(min=0), help="b: a round closes after N-b pushes.")
-@click.option("--lr", default=0.1, type=float, callback=_positive, help="Server SGD learning rate.")
+@click.option("--staleness", default=None, type=click.IntRange(min=0), help="Async: the staleness bound s (default unbounded); 0 behaves as sync.")
+@click.option("--staleness-damping/--no-staleness-damping", default=None, help="Scale each update by 1/(1+staleness) [default: on for async avg, else off].")
+@click.option("--optimizer", default="sgd", type=click.Choice(OPTIMIZERS), help="Gradient mode: the server's optimizer.")
+@click.option("--lr", default=0.1, type=float, callback=_positive, help="Gradient mode: the server's learning rate.")
 @click.option("--momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=False, help="Nesterov momentum.")
-@click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0), help="SGD weight decay.")
+@click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0), help="Weight decay (decoupled for AdamW).")
+@click.option("--lr-schedule", default="constant", type=click.Choice(SCHEDULES), help="LR by version after warm-up (cosine ends at --max-steps).")
+@click.option("--warmup-versions", default=0, type=click.IntRange(min=0), help="Linear LR warm-up over this many versions.")
+@click.option("--lr-step-size", default=1000, type=click.IntRange(min=1), help="Step schedule: versions between decays.")
+@click.option("--lr-gamma", default=0.1, type=click.FloatRange(0, 1), help="Step schedule: decay factor.")
+@click.option("--local-steps", default=1, type=click.IntRange(min=1), help="Averaging mode: H local steps per push.")
+@click.option("--local-lr", default=0.05, type=float, callback=_positive, help="Averaging mode: the workers' local SGD learning rate.")
+@click.option("--local-momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="Averaging mode: local SGD momentum.")
+@click.option("--outer-optimizer", default="none", type=click.Choice(OUTER_OPTIMIZERS), help="Averaging mode: none (plain averaging) or nesterov (DiLoCo).")
+@click.option("--outer-lr", default=0.7, type=float, callback=_positive, help="DiLoCo outer learning rate.")
+@click.option("--outer-momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="DiLoCo outer Nesterov momentum.")
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="End the run at this global version.")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False), help="Where checkpoints go.")
 @click.option("--checkpoint-every", default=0, type=click.IntRange(min=0), help="Checkpoint every V versions (0: end only).")
 @click.option("--keep-checkpoints", default=3, type=click.IntRange(min=1), help="How many checkpoints to keep.")
+@click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --checkpoint-dir.")
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(host, port, model, num_classes, seed, mode, update, workers, backup_workers, lr, momentum, nesterov,
-         weight_decay, max_steps, checkpoint_dir, checkpoint_every, keep_checkpoints, lease_timeout,
-         round_timeout, pull_wait, port_file, log_level):
+def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **options):
     """Run a parameter server that holds the global model and applies the workers' updates."""
     setup_logging(log_level)
     keep_freed_memory_resident()
-    if backup_workers >= workers:
-        raise click.BadParameter(f"must be fewer than --workers ({workers})", param_hint="--backup-workers")
+    if options["backup_workers"] >= options["workers"]:
+        raise click.BadParameter(f"must be fewer than --workers ({options['workers']})", param_hint="--backup-workers")
+    if options["lr_schedule"] == "cosine" and not options["max_steps"]:
+        raise click.BadParameter("a cosine schedule needs --max-steps", param_hint="--lr-schedule")
+    if options["resume"] and not options["checkpoint_dir"]:
+        raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
+    if options["staleness"] is not None and options["mode"] != "async":
+        raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
     config = ServerConfig(
-        host=host, port=port, model=model, num_classes=num_classes, seed=seed, mode=mode, update=update,
-        workers=workers, backup_workers=backup_workers, lr=lr, momentum=momentum, nesterov=nesterov,
-        weight_decay=weight_decay, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        **options,
         timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
     )
-    from paramhub.ps.server import PSServer  # imports torch: keep --help fast
+    from paramhub.ps.server import PSServer
 
     server = PSServer(config)
     try:

@@ -1,9 +1,15 @@
 """Who may apply when: the consistency engines.
 
-An engine takes a validated, fully received push and decides, under one lock,
-whether it joins the current round, is applied, or is dropped; it owns the
-dedup check so that a retried push is applied at most once. The servicer calls
-``submit`` and ``tick`` without knowing which engine it has.
+An engine takes a validated, fully received push and decides, under the store's
+lock, whether it joins the current round, is applied, waits, or is dropped. It
+owns the dedup check, so a retried push is applied at most once, and the ledger
+of applied updates. The servicer calls ``submit``, ``on_pull`` and ``tick``
+without knowing which engine it has.
+
+- ``SyncRounds`` (``--mode sync``): bulk-synchronous rounds with backup workers.
+- ``AsyncEngine`` (``--mode async``): each push applies on arrival; with a
+  staleness bound s, no push more than s versions stale is applied, and pushes
+  that would push a slower worker past the bound wait for it (SSP).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch
 
 from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.ps.errors import FailedPrecondition
-from paramhub.ps.registry import WorkerRegistry
+from paramhub.ps.errors import FailedPrecondition, Unavailable
+from paramhub.ps.ledger import Ledger, LedgerEntry
+from paramhub.ps.registry import WorkerRecord, WorkerRegistry
 from paramhub.ps.rules import UpdateRule, WeightedMean
 from paramhub.ps.store import ParameterStore
 
@@ -50,47 +57,67 @@ class PushResult:
     done: bool
 
 
-class ConsistencyEngine:
-    """Shared machinery: dedup, progress accounting, applying a mean update, ending the run.
+def damping_scale(staleness: int) -> float:
+    """Staleness-aware damping: an update ``staleness`` versions old counts 1/(1+staleness)."""
+    return 1.0 / (1.0 + staleness)
 
-    Subclasses implement ``_admit`` (and optionally ``_on_tick``), called with the
-    store's lock held.
+
+class ConsistencyEngine:
+    """Shared machinery: dedup, progress accounting, the ledger, applying a mean update.
+
+    Subclasses implement ``_admit`` (and optionally ``_on_tick``, ``on_pull``),
+    called with the store's lock held.
 
     Args:
         store: the global state.
         rule: turns the mean PARAM update into new weights.
         registry: the workers.
         max_versions: finish the run at this version (None: never).
+        damping: scale each update by 1/(1+staleness).
         clock: injectable monotonic clock.
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
-                 max_versions: int | None = None, clock: Callable[[], float] = time.monotonic):
+                 max_versions: int | None = None, damping: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.rule = rule
         self.registry = registry
         self.max_versions = max_versions
+        self.damping = damping
         self._clock = clock
         layout = store.layout
         self._param_regions = layout.region_indices(PARAM)
         self._buffer_regions = layout.region_indices(BUFFER)
+        self._mean = WeightedMean(store.snapshot().regions)  # the next update, accumulated in place
+        self._losses: list[float] = []
+        self.ledger = Ledger()
         self.pushes_dropped = 0
         self.last_loss = float("nan")
 
-    def submit(self, push: StagedPush) -> PushResult:
-        """Handles one push exactly once; a retry of the last sequence gets the same reply."""
+    # -- called by the servicer -----------------------------------------------------
+
+    def submit(self, push: StagedPush, wait_timeout: float = 30.0) -> PushResult:
+        """Handles one push exactly once.
+
+        A retry of the push in progress or of the last one gets the same reply; an
+        older sequence is refused.
+        """
         with self.store.lock:
             record = self.registry.get(push.worker_id, push.incarnation)
-            if push.sequence == record.last_sequence and record.last_reply is not None:
-                return record.last_reply
-            if push.sequence <= record.last_sequence:
+            if push.sequence == record.last_sequence:
+                return self._await_reply(record, push.sequence, wait_timeout)
+            if push.sequence < record.last_sequence:
                 raise FailedPrecondition(
-                    f"push sequence {push.sequence} is not after the last one ({record.last_sequence})")
-            if self.store.done:
-                result = self._result(pb.PUSH_OUTCOME_DROPPED)
-            else:
-                result = self._admit(push, record)
-            record.last_sequence = push.sequence
+                    f"push sequence {push.sequence} is older than the last one ({record.last_sequence})")
+            previous_sequence = record.last_sequence
+            record.last_sequence, record.last_reply = push.sequence, None
+            try:
+                result = self._result(pb.PUSH_OUTCOME_DROPPED) if self.store.done else self._admit(push, record)
+            except BaseException:
+                record.last_sequence = previous_sequence  # nothing was applied: a retry may try again
+                self.store.lock.notify_all()
+                raise
             record.last_reply = result
             record.last_base_version = push.base_version
             if result.outcome == pb.PUSH_OUTCOME_ACCEPTED:
@@ -99,44 +126,85 @@ class ConsistencyEngine:
             else:
                 record.pushes_dropped += 1
                 self.pushes_dropped += 1
+            self.store.lock.notify_all()
             return result
+
+    def _await_reply(self, record: WorkerRecord, sequence: int, timeout: float) -> PushResult:
+        """Waits (bounded) for the reply of a push with the same sequence still in progress."""
+        deadline = self._clock() + timeout
+        while record.last_reply is None and record.last_sequence == sequence:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise Unavailable(f"push {sequence} of {record.name} is still in progress; retry later")
+            self.store.lock.wait(remaining)
+        if record.last_sequence != sequence:
+            raise Unavailable(f"push {sequence} of {record.name} failed; send it again")
+        return record.last_reply
+
+    def on_pull(self, worker_id: int, version: int) -> None:
+        """A worker is about to receive ``version`` (its next push will be based on it)."""
 
     def tick(self) -> None:
         """Periodic housekeeping: expire leases, let the engine react (round timeouts)."""
-        self.registry.expire()
+        lost = self.registry.expire()
         with self.store.lock:
             if not self.store.done:
-                self._on_tick()
+                self._on_tick([r.worker_id for r in lost])
+            self.store.lock.notify_all()
+
+    @property
+    def round_pushes(self) -> int:
+        """Pushes held for the next update (sync: the round so far; async: those waiting)."""
+        return 0
 
     # -- for subclasses -------------------------------------------------------------
 
-    def _admit(self, push: StagedPush, record) -> PushResult:
+    def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
         raise NotImplementedError
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, lost_worker_ids: list[int]) -> None:
         pass
 
     def _result(self, outcome: int, next_version: int | None = None) -> PushResult:
         version = self.store.version
         return PushResult(outcome, version, version if next_version is None else next_version, self.store.done)
 
-    def _apply_mean(self, mean: WeightedMean, losses: list[float]) -> int:
-        """Applies a mean update: the rule on PARAM regions, plain averaging for buffers."""
+    def _accumulate(self, push: StagedPush) -> LedgerEntry:
+        """Adds a push to the next update's mean (damped for its staleness); returns its ledger line.
+
+        The ledger line's ``version`` is filled in by ``_publish``.
+        """
+        staleness = self.store.version - push.base_version
+        scale = damping_scale(staleness) if self.damping else 1.0
+        per_region = [scale if r in self._param_regions else 1.0 for r in range(len(push.regions))]
+        self._mean.add(push.regions, float(push.num_samples), per_region)
+        self._losses.append(push.loss)
+        return LedgerEntry(0, push.worker_id, push.sequence, push.base_version, staleness, scale, push.num_samples)
+
+    def _publish(self, contributions: list[LedgerEntry]) -> int:
+        """Applies the accumulated mean as one update; returns the new version.
+
+        PARAM regions go through the update rule; BUFFER regions (BatchNorm
+        statistics) become the plain sample-weighted mean.
+        """
         snapshot = self.store.snapshot()
-        averaged = mean.mean()
+        averaged = self._mean.mean()
         regions = list(snapshot.regions)
         for r in self._param_regions:
             state = self.store.rule_state.setdefault(r, {})
             regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version)
         for r in self._buffer_regions:
             regions[r] = averaged[r]
-        version = self.store.publish(regions)
-        if losses:
-            self.last_loss = sum(losses) / len(losses)
-        if self.max_versions is not None and version >= self.max_versions:
-            log.info("reached version %d of %d: run complete", version, self.max_versions)
+        new_version = self.store.publish(regions)
+        for entry in contributions:
+            self.ledger.record(dataclasses.replace(entry, version=new_version))
+        self.last_loss = sum(self._losses) / len(self._losses)
+        self._mean.reset()
+        self._losses.clear()
+        if self.max_versions is not None and new_version >= self.max_versions:
+            log.info("reached version %d of %d: run complete", new_version, self.max_versions)
             self.store.finish()
-        return version
+        return new_version
 
 
 class SyncRounds(ConsistencyEngine):
@@ -161,57 +229,163 @@ class SyncRounds(ConsistencyEngine):
         self.num_workers = num_workers
         self.backup_workers = backup_workers
         self.round_timeout = round_timeout
-        self._mean = WeightedMean(store.snapshot().regions)
-        self._pushed: set[int] = set()
-        self._losses: list[float] = []
+        self._round: list[LedgerEntry] = []  # pushes already added to the mean
         self._round_started: float | None = None
 
     @property
     def round_pushes(self) -> int:
-        """Pushes received for the round in progress."""
         with self.store.lock:
-            return len(self._pushed)
+            return len(self._round)
 
     def quorum(self) -> int:
         """Pushes needed to close the current round."""
         return max(1, self.num_workers - self.backup_workers - self.registry.lost_trainers())
 
-    def _admit(self, push: StagedPush, record) -> PushResult:
+    def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
         version = self.store.version
         if push.base_version < version:
             log.info("dropped push of %s for closed round %d (now %d)", record.name, push.base_version, version)
             return self._result(pb.PUSH_OUTCOME_DROPPED)
         if push.base_version > version:
             raise FailedPrecondition(f"push based on version {push.base_version}, but the server is at {version}")
-        if push.worker_id in self._pushed:
+        if any(p.worker_id == push.worker_id for p in self._round):
             raise FailedPrecondition(f"{record.name} already pushed for round {version}; pull before pushing again")
-        self._mean.add(push.regions, float(push.num_samples))
-        self._pushed.add(push.worker_id)
-        self._losses.append(push.loss)
+        self._round.append(self._accumulate(push))  # in place: memory does not grow with workers
         if self._round_started is None:
             self._round_started = self._clock()
-        if len(self._pushed) >= self.quorum():
+        if len(self._round) >= self.quorum():
             self._close_round("quorum")
         return self._result(pb.PUSH_OUTCOME_ACCEPTED, next_version=version + 1)
 
-    def _on_tick(self) -> None:
-        if not self._pushed:
+    def _on_tick(self, lost_worker_ids: list[int]) -> None:
+        if not self._round:
             return
-        if len(self._pushed) >= self.quorum():
+        if len(self._round) >= self.quorum():
             self._close_round("lost workers")
         elif self.round_timeout is not None and self._clock() - self._round_started > self.round_timeout:
             self._close_round("round timeout")
 
     def _close_round(self, reason: str) -> None:
-        count = len(self._pushed)
-        version = self._apply_mean(self._mean, self._losses)
-        log.debug("round %d closed by %s with %d pushes", version - 1, reason, count)
+        count = len(self._round)
+        version = self._publish(self._round)
         if reason != "quorum":
             log.warning("round %d closed by %s with %d of %d pushes", version - 1, reason, count, self.num_workers)
-        self._mean.reset()
-        self._pushed.clear()
-        self._losses.clear()
+        self._round = []
         self._round_started = None
+
+
+class AsyncEngine(ConsistencyEngine):
+    """Asynchronous updates, optionally with a staleness bound (stale-synchronous parallel).
+
+    Without a bound every push is applied when it arrives. With bound s:
+
+    - a push whose staleness (version now − its base version) exceeds s is dropped
+      and the worker told to pull;
+    - a worker is *pending* from its pull until its push is applied, with the
+      version it pulled; applying an update must not leave any live pending worker
+      more than s versions behind, so a push that would do so waits (inside its
+      Push call) for the slower workers' pushes;
+    - when every worker that blocks progress is itself waiting, their pushes are
+      applied together as one update (with s = 0 this is exactly a sync round);
+    - a wait ends after ``wait_timeout`` seconds (the stragglers' later pushes
+      will then be too stale and dropped), and a worker whose lease expires stops
+      blocking anyone.
+
+    Args:
+        staleness_bound: s, or None for unbounded.
+        wait_timeout: the longest a push waits for slower workers.
+    """
+
+    def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
+                 staleness_bound: int | None = None, wait_timeout: float = 300.0, **kwargs):
+        super().__init__(store, rule, registry, **kwargs)
+        if staleness_bound is not None and staleness_bound < 0:
+            raise ValueError(f"the staleness bound must be >= 0, got {staleness_bound}")
+        self.staleness_bound = staleness_bound
+        self.wait_timeout = wait_timeout
+        self._pending: dict[int, int] = {}  # worker id -> version it pulled, until its push is applied
+        self._waiting: list[StagedPush] = []
+        self._applied: set[tuple[int, int]] = set()  # (worker, sequence) of waiting pushes now applied
+
+    @property
+    def round_pushes(self) -> int:
+        with self.store.lock:
+            return len(self._waiting)
+
+    def on_pull(self, worker_id: int, version: int) -> None:
+        with self.store.lock:
+            if any(p.worker_id == worker_id for p in self._waiting):
+                return  # its push is still waiting: its base stays the pushed one
+            try:
+                record = self.registry.trainer(worker_id)
+            except KeyError:
+                return  # anonymous reader or observer
+            if record.alive:
+                self._pending[worker_id] = version
+
+    def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
+        version = self.store.version
+        if push.base_version > version:
+            raise FailedPrecondition(f"push based on version {push.base_version}, but the server is at {version}")
+        bound = self.staleness_bound
+        if bound is not None and version - push.base_version > bound:
+            log.info("dropped push of %s: %d versions stale, bound %d", record.name, version - push.base_version,
+                     bound)
+            self._pending.pop(push.worker_id, None)
+            return self._result(pb.PUSH_OUTCOME_DROPPED)
+        if bound is None:
+            self._publish([self._accumulate(push)])
+            return self._result(pb.PUSH_OUTCOME_ACCEPTED)
+        self._pending[push.worker_id] = push.base_version
+        self._waiting.append(push)
+        self._drain(force=False)
+        deadline = self._clock() + self.wait_timeout
+        key = (push.worker_id, push.sequence)
+        while key not in self._applied:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                log.warning("%s waited %.0fs for slower workers; applying without them", record.name,
+                            self.wait_timeout)
+                self._drain(force=True)
+                break
+            self.store.lock.wait(min(remaining, 1.0))
+        self._applied.discard(key)
+        return self._result(pb.PUSH_OUTCOME_ACCEPTED)
+
+    def _on_tick(self, lost_worker_ids: list[int]) -> None:
+        for worker_id in lost_worker_ids:
+            self._pending.pop(worker_id, None)
+        if self._waiting:
+            self._drain(force=False)
+
+    def _blockers(self, version: int) -> set[int]:
+        """Live pending workers that one more update would leave more than s versions behind."""
+        alive = {r.worker_id for r in self.registry.trainers() if r.alive}
+        return {w for w, base in self._pending.items() if w in alive and version + 1 - base > self.staleness_bound}
+
+    def _drain(self, force: bool) -> None:
+        """Applies waiting pushes while the bound allows (all of them when ``force``)."""
+        while self._waiting and not self.store.done:
+            blockers = self._blockers(self.store.version)
+            waiting_workers = {p.worker_id for p in self._waiting}
+            if force:
+                batch = list(self._waiting)
+            elif not blockers:
+                batch = [self._waiting[0]]  # first come, first applied
+            elif blockers <= waiting_workers:
+                batch = [p for p in self._waiting if p.worker_id in blockers]
+            else:
+                return  # someone still computing would fall too far behind: wait for them
+            self._publish([self._accumulate(p) for p in batch])
+            for p in batch:
+                self._waiting.remove(p)
+                self._pending.pop(p.worker_id, None)
+                self._applied.add((p.worker_id, p.sequence))
+        if self.store.done:
+            for p in self._waiting:  # the run ended: release everyone
+                self._applied.add((p.worker_id, p.sequence))
+            self._waiting.clear()
+        self.store.lock.notify_all()
 
 
 class Ticker:

@@ -113,6 +113,14 @@ class WorkerRegistry:
             self._on_lost(record)
         return lost
 
+    def trainer(self, worker_id: int) -> WorkerRecord:
+        """A copy of a non-observer record; KeyError if unknown or an observer."""
+        with self._lock:
+            record = self._by_id[worker_id]
+            if record.observer:
+                raise KeyError(worker_id)
+            return dataclasses.replace(record)
+
     def trainers(self) -> list[WorkerRecord]:
         """Copies of all non-observer records."""
         with self._lock:

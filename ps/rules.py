@@ -8,9 +8,12 @@ pulls in flight may still be streaming the previous version.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
+
+from paramhub.common.config import OUTER_OPTIMIZERS, SCHEDULES
 
 
 def sgd_step(
@@ -56,6 +59,81 @@ class UpdateRule(Protocol):
               version: int) -> torch.Tensor: ...
 
 
+def adamw_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> torch.Tensor:
+    """One step of AdamW with the semantics of ``torch.optim.AdamW`` (amsgrad off).
+
+    Args:
+        params: current weights (not modified).
+        grad: the (averaged) gradient.
+        exp_avg, exp_avg_sq: the moment estimates, updated in place.
+        step: the number of this step, starting at 1 (for bias correction).
+        lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+
+    Returns:
+        The new weights.
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    decayed = params * (1 - lr * weight_decay) if weight_decay else params
+    return decayed.addcdiv(exp_avg, denom, value=-lr / bias_correction1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """Learning-rate factor by global version: linear warm-up, then constant, cosine or step decay.
+
+    Args:
+        kind: ``constant``, ``cosine`` (to ``min_factor`` at ``total``) or ``step``
+            (× ``gamma`` every ``step_size`` versions after warm-up).
+        warmup: versions of linear warm-up from ``1/warmup`` to 1.
+        total: the run's length in versions (cosine needs it).
+    """
+
+    kind: str = "constant"
+    warmup: int = 0
+    total: int | None = None
+    step_size: int = 1000
+    gamma: float = 0.1
+    min_factor: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown LR schedule {self.kind!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.kind == "cosine" and not self.total:
+            raise ValueError("a cosine schedule needs the run length (--max-steps)")
+        if self.warmup < 0 or self.step_size < 1:
+            raise ValueError("warm-up must be >= 0 and the step size >= 1")
+
+    def factor(self, version: int) -> float:
+        """The multiplier of the base learning rate for the update that makes ``version + 1``."""
+        if version < self.warmup:
+            return (version + 1) / self.warmup
+        after = version - self.warmup
+        if self.kind == "cosine":
+            span = max(1, self.total - self.warmup)
+            progress = min(1.0, after / span)
+            return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind == "step":
+            return self.gamma ** (after // self.step_size)
+        return 1.0
+
+
+
 @dataclasses.dataclass(frozen=True)
 class SGDRule:
     """Gradient mode: the server runs SGD (momentum, Nesterov, weight decay) on averaged gradients."""
@@ -64,15 +142,65 @@ class SGDRule:
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    schedule: LRSchedule = LRSchedule()
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
               version: int) -> torch.Tensor:
-        new_params, buf = sgd_step(params, update, state.get("momentum_buffer"), lr=self.lr,
-                                   momentum=self.momentum, weight_decay=self.weight_decay,
-                                   nesterov=self.nesterov)
+        new_params, buf = sgd_step(params, update, state.get("momentum_buffer"),
+                                   lr=self.lr * self.schedule.factor(version), momentum=self.momentum,
+                                   weight_decay=self.weight_decay, nesterov=self.nesterov)
         if buf is not None:
             state["momentum_buffer"] = buf
         return new_params
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWRule:
+    """Gradient mode with a server-side AdamW."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    schedule: LRSchedule = LRSchedule()
+
+    def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
+              version: int) -> torch.Tensor:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(params)
+            state["exp_avg_sq"] = torch.zeros_like(params)
+            state["step"] = torch.zeros((), dtype=torch.int64)
+        state["step"] += 1
+        return adamw_step(params, update, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
+                          lr=self.lr * self.schedule.factor(version), betas=self.betas, eps=self.eps,
+                          weight_decay=self.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingRule:
+    """Averaging mode: the update is the mean delta ``w_local - w_base`` (a pseudo-gradient's negative).
+
+    ``outer="none"`` applies it as is (model averaging); ``outer="nesterov"`` treats
+    ``-delta`` as a gradient for an outer SGD step with Nesterov momentum (DiLoCo).
+    """
+
+    outer: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.outer not in OUTER_OPTIMIZERS:
+            raise ValueError(f"unknown outer optimizer {self.outer!r}; choose one of {', '.join(OUTER_OPTIMIZERS)}")
+
+    def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
+              version: int) -> torch.Tensor:
+        if self.outer == "none":
+            return params.add(update)
+        new_params, buf = sgd_step(params, update.neg(), state.get("momentum_buffer"), lr=self.outer_lr,
+                                   momentum=self.outer_momentum, nesterov=True)
+        state["momentum_buffer"] = buf
+        return new_params
+
 
 
 class WeightedMean:
@@ -90,12 +218,16 @@ class WeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: list[torch.Tensor], weight: float) -> None:
-        """Adds ``weight`` × each tensor to the running sums."""
+    def add(self, tensors: list[torch.Tensor], weight: float, scales: list[float] | None = None) -> None:
+        """Adds ``weight`` × each tensor (times its entry in ``scales``, if given) to the running sums.
+
+        ``scales`` damps some tensors (stale updates) without changing their weight
+        in the mean of the others (BatchNorm statistics).
+        """
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        for acc, t in zip(self._sums, tensors):
-            acc.add_(t.to(acc.dtype), alpha=weight)
+        for i, (acc, t) in enumerate(zip(self._sums, tensors)):
+            acc.add_(t.to(acc.dtype), alpha=weight * (scales[i] if scales else 1.0))
         self.total_weight += weight
         self.count += 1
 

@@ -18,12 +18,12 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
-from paramhub.common.layout import Layout
+from paramhub.common.layout import Layout, LayoutError
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.ps.consistency import SyncRounds, Ticker
+from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.registry import WorkerRegistry
-from paramhub.ps.rules import SGDRule
+from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
 from paramhub.ps.store import ParameterStore
 
@@ -38,6 +38,46 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+def _schedule(config: ServerConfig) -> LRSchedule:
+    return LRSchedule(config.lr_schedule, warmup=config.warmup_versions, total=config.max_steps,
+                      step_size=config.lr_step_size, gamma=config.lr_gamma)
+
+
+def _gradient_rule(config: ServerConfig) -> UpdateRule:
+    if config.optimizer == "adamw":
+        return AdamWRule(lr=config.lr, weight_decay=config.weight_decay, schedule=_schedule(config))
+    return SGDRule(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                   nesterov=config.nesterov, schedule=_schedule(config))
+
+
+def _averaging_rule(config: ServerConfig) -> UpdateRule:
+    return AveragingRule(config.outer_optimizer, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum)
+
+
+def _damping(config: ServerConfig) -> bool:
+    if config.staleness_damping is not None:
+        return config.staleness_damping
+    return config.mode == "async" and config.update == "avg"  # async averaging scales stale deltas by default
+
+
+def _sync_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
+    return SyncRounds(store, rule, registry, num_workers=config.workers, backup_workers=config.backup_workers,
+                      round_timeout=config.timeouts.round, max_versions=config.max_steps,
+                      damping=_damping(config))
+
+
+def _async_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
+    return AsyncEngine(store, rule, registry, staleness_bound=config.staleness,
+                       wait_timeout=config.timeouts.round or 300.0, max_versions=config.max_steps,
+                       damping=_damping(config))
+
+
+# The only place that looks at --update and --mode: everything below takes the result.
+RULES = {"grad": _gradient_rule, "avg": _averaging_rule}
+ENGINES = {"sync": _sync_engine, "async": _async_engine}
+PUSH_KINDS = {"grad": pb.PUSH_KIND_GRADIENT, "avg": pb.PUSH_KIND_DELTA}
+
+
 class PSServer:
     """One parameter-server process.
 
@@ -49,24 +89,26 @@ class PSServer:
         self.config = config
         model = build_model(config.model, config.num_classes, config.seed)
         self.layout = Layout.from_model(model)
-        self.store = ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
+        self.store = self._resumed_store() if config.resume else None
+        if self.store is None:
+            self.store = ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
         del model
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
                                           r.name, r.worker_id, config.timeouts.lease))
-        rule = SGDRule(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                       nesterov=config.nesterov)
-        self.engine = SyncRounds(self.store, rule, self.registry, num_workers=config.workers,
-                                 backup_workers=config.backup_workers, round_timeout=config.timeouts.round,
-                                 max_versions=config.max_steps)
+        self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry)
         self.servicer = ParameterServerServicer(
             self.engine,
             pb.ModelSpec(arch=config.model, num_classes=config.num_classes),
-            pb.RunSpec(mode=config.mode, update=config.update, num_workers=config.workers, local_steps=1,
-                       heartbeat_interval_s=config.timeouts.heartbeat),
+            pb.RunSpec(mode=config.mode, update=config.update, num_workers=config.workers,
+                       local_steps=config.local_steps if config.update == "avg" else 1,
+                       heartbeat_interval_s=config.timeouts.heartbeat, local_lr=config.local_lr,
+                       local_momentum=config.local_momentum,
+                       staleness_bound=-1 if config.mode == "async" and config.staleness is None
+                       else (config.staleness or 0)),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
-            expected_kind=pb.PUSH_KIND_GRADIENT,
+            expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
@@ -84,6 +126,34 @@ class PSServer:
         self._stop = threading.Event()
         self.port: int | None = None
         self.last_checkpoint: str | None = None
+
+    def _resumed_store(self) -> ParameterStore | None:
+        """The state of the newest readable, matching checkpoint; None when there is none.
+
+        A checkpoint that cannot be read or belongs to another model is reported
+        and the previous one tried.
+        """
+        if not self.config.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        for path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
+            try:
+                model_state, server_state, meta = checkpoint.load_checkpoint(path)
+                if meta.get("layout_hash") != self.layout.hash:
+                    raise checkpoint.CheckpointError(f"{path} holds a different model ({meta.get('model')})")
+                regions = self.layout.flatten(model_state)
+            except (checkpoint.CheckpointError, LayoutError) as exc:
+                log.error("skipping checkpoint: %s", exc)
+                continue
+            names = {region.name: r for r, region in enumerate(self.layout.regions)}
+            rule_state: dict[int, dict] = {}
+            for key, tensor in server_state.items():
+                _, region_name, name = key.split(".", 2) if key.startswith("rule.") else (None, None, None)
+                if region_name in names:
+                    rule_state.setdefault(names[region_name], {})[name] = tensor
+            log.info("resuming from %s at version %d", path, meta["version"])
+            return ParameterStore(self.layout, regions, version=meta["version"], rule_state=rule_state)
+        log.warning("no usable checkpoint in %s: starting from scratch", self.config.checkpoint_dir)
+        return None
 
     def start(self) -> int:
         """Binds and starts serving; returns the port (useful with port 0)."""

@@ -65,7 +65,7 @@ class ParameterServerServicer:
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
-                 chunk_bytes: int, pull_wait_s: float, expected_kind: int):
+                 chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -75,6 +75,7 @@ class ParameterServerServicer:
         self.chunk_bytes = chunk_bytes
         self.pull_wait_s = pull_wait_s
         self.expected_kind = expected_kind
+        self.push_wait_s = push_wait_s
         self.epoch = uuid.uuid4().hex[:12]
         self.pushes_rejected = 0
         self._rejected_lock = threading.Lock()
@@ -112,19 +113,25 @@ class ParameterServerServicer:
     @_abort_on_error
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         snap = self.store.snapshot()
+        with self.store.lock:
+            histogram = dict(self.engine.ledger.staleness_histogram)
+            applied = dict(self.engine.ledger.applied_per_worker)
         workers = [
             pb.WorkerStatus(
                 worker_id=r.worker_id, worker_name=r.name, incarnation=r.incarnation,
                 pushes_accepted=r.pushes_accepted, pushes_dropped=r.pushes_dropped,
                 last_base_version=r.last_base_version, seconds_since_seen=self.registry.seconds_since_seen(r),
-                alive=r.alive, last_loss=r.last_loss,
+                alive=r.alive, last_loss=r.last_loss, updates_applied=applied.get(r.worker_id, 0),
             )
             for r in self.registry.trainers()
         ]
         return pb.StatusResponse(
             version=snap.version, mode=self.run_spec.mode, update=self.run_spec.update, done=snap.done,
-            workers=workers, round_pushes=getattr(self.engine, "round_pushes", 0),
+            workers=workers, round_pushes=self.engine.round_pushes,
             pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=self.engine.last_loss,
+            staleness_histogram=[pb.StalenessCount(staleness=k, count=v) for k, v in sorted(histogram.items())],
+            max_staleness=max(histogram, default=0), staleness_bound=self.run_spec.staleness_bound,
+            pushes_applied=sum(histogram.values()),
         )
 
     # -- streaming RPCs -------------------------------------------------------------
@@ -140,6 +147,7 @@ class ParameterServerServicer:
             version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
         if snap.version < request.min_version:
             return  # header only: not there yet, ask again
+        self.engine.on_pull(request.worker_id, snap.version)
         yield from codec.encoded_chunks(self.layout, snap.regions, self._all_regions, self.chunk_bytes)
 
     @_abort_on_error
@@ -181,7 +189,7 @@ class ParameterServerServicer:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
                                    next_version=snap.version, done=snap.done, server_epoch=self.epoch)
-        result = self.engine.submit(StagedPush(
+        result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
             base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
             loss=header.loss, regions=staged,

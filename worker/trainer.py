@@ -82,6 +82,67 @@ class Heartbeat:
                 log.debug("heartbeat failed: %s", exc)
 
 
+class GradientStep:
+    """Gradient mode: one forward/backward; the update is the gradient of the PARAM tensors."""
+
+    kind = pb.PUSH_KIND_GRADIENT
+
+    def __init__(self, model: nn.Module, layout: Layout, run: pb.RunSpec):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.slots = [t for t in layout.tensors if t.role == PARAM]
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def compute(self, batches: Iterator, device: torch.device, update: dict[int, torch.Tensor]) -> tuple[int, float]:
+        """Fills ``update`` (PARAM region -> flat CPU tensor); returns (samples, mean loss)."""
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        self.model.train()
+        self.model.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.model(images), labels)
+        loss.backward()
+        for slot in self.slots:
+            grad = self.params[slot.name].grad
+            target = update[slot.region][slot.offset : slot.offset + slot.numel]
+            target.copy_(grad.reshape(-1)) if grad is not None else target.zero_()
+        return len(labels), float(loss.detach())
+
+
+class LocalSGD:
+    """Averaging mode: H local steps of SGD with momentum; the update is ``w_local - w_base``.
+
+    The local optimizer's momentum carries over from one round to the next, as in
+    DiLoCo's inner optimizer.
+    """
+
+    kind = pb.PUSH_KIND_DELTA
+
+    def __init__(self, model: nn.Module, layout: Layout, run: pb.RunSpec, model_regions: list[torch.Tensor]):
+        self.model = model
+        self.local_steps = max(1, run.local_steps)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=run.local_lr, momentum=run.local_momentum)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.param_regions = {r: model_regions[r] for r in layout.region_indices(PARAM)}
+
+    def compute(self, batches: Iterator, device: torch.device, update: dict[int, torch.Tensor]) -> tuple[int, float]:
+        """Trains H steps from the pulled weights and fills ``update`` with the delta."""
+        base = {r: flat.clone() for r, flat in self.param_regions.items()}
+        self.model.train()
+        samples, loss_sum = 0, 0.0
+        for _ in range(self.local_steps):
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=False)
+            loss = self.loss_fn(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            samples += len(labels)
+            loss_sum += float(loss.detach()) * len(labels)
+        for r, flat in self.param_regions.items():
+            update[r].copy_(flat - base[r])
+        return samples, loss_sum / samples
+
+
 class Trainer:
     """Trains one shard against the parameter server.
 
@@ -97,32 +158,30 @@ class Trainer:
     def run(self) -> TrainSummary:
         """Trains until the server says the run is done; returns a summary."""
         cfg = self.config
-        name = cfg.name or f"shard-{cfg.shard}"
-        info = self.client.join(name=name, shard=cfg.shard)
+        info = self.client.join(name=cfg.name or f"shard-{cfg.shard}", shard=cfg.shard)
         num_shards = cfg.num_shards or info.run.num_workers
         prefix = f"[worker {cfg.shard}/{num_shards}]"
         model = build_model(info.model.arch, info.model.num_classes)
-        local_layout = Layout.from_model(model)
-        if local_layout.hash != info.layout.hash:
+        if Layout.from_model(model).hash != info.layout.hash:
             raise RunFailed(
                 f"the server's {info.model.arch} has a different layout from ours; "
                 "are torch/torchvision the same version on both sides?")
         layout = info.layout
         device = resolve_device(cfg.device)
         on_cuda = device.type == "cuda"
-        wire_regions = layout.empty_regions(pin_memory=on_cuda)  # what pulls write and pushes read
-        if on_cuda:
-            model.to(device)
-            model_regions = layout.empty_regions(device)
-        else:
-            model_regions = wire_regions
+        # Pulls write into wire_regions and pushes read from them. On the CPU the model's
+        # tensors are views into the same memory, so a pull updates the model with no copy.
+        wire_regions = layout.empty_regions(pin_memory=on_cuda)
+        model_regions = layout.empty_regions(device) if on_cuda else wire_regions
+        model.to(device)
         bind_model(model, layout, model_regions)
-        params = dict(model.named_parameters())
-        param_slots = [t for t in layout.tensors if t.role == PARAM]
-        param_regions = layout.region_indices(PARAM)
         buffer_regions = layout.region_indices(BUFFER)
-        grads = {r: torch.zeros_like(wire_regions[r]) for r in param_regions}
-        push_regions = [grads.get(r, wire_regions[r]) for r in range(len(layout.regions))]
+        update = {r: torch.zeros_like(wire_regions[r]) for r in layout.region_indices(PARAM)}
+        push_regions = [update.get(r, wire_regions[r]) for r in range(len(layout.regions))]
+        work = {
+            "grad": lambda: GradientStep(model, layout, info.run),
+            "avg": lambda: LocalSGD(model, layout, info.run, model_regions),
+        }[info.run.update]()
 
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
@@ -131,10 +190,10 @@ class Trainer:
                             num_workers=cfg.loader_workers, pin_memory=on_cuda,
                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.shard))
         batches = endless(loader)
-        loss_fn = nn.CrossEntropyLoss()
         summary = TrainSummary()
-        log.info("%s joined as id %d: %s, %d classes, %d samples in shard, device %s", prefix, info.worker_id,
-                 info.model.arch, info.model.num_classes, len(data), device)
+        log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
+                 info.worker_id, info.model.arch, info.model.num_classes, len(data), info.run.mode,
+                 info.run.update, device)
 
         version = info.version
         with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat):
@@ -147,30 +206,21 @@ class Trainer:
                     for dst, src in zip(model_regions, wire_regions):
                         dst.copy_(src, non_blocking=True)
 
-                model.train()
-                images, labels = batches.__next__()
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                model.zero_grad(set_to_none=False)
-                loss = loss_fn(model(images), labels)
-                loss.backward()
-                for slot in param_slots:
-                    grad = params[slot.name].grad
-                    target = grads[slot.region][slot.offset : slot.offset + slot.numel]
-                    target.copy_(grad.reshape(-1)) if grad is not None else target.zero_()
+                num_samples, loss = work.compute(batches, device, update)
+
                 if on_cuda:
                     for r in buffer_regions:
                         wire_regions[r].copy_(model_regions[r])
-                loss_value = float(loss.detach())
-                reply = self.client.push(pb.PUSH_KIND_GRADIENT, header.version, push_regions,
-                                         num_samples=len(labels), loss=loss_value)
+                reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
+                                         loss=loss)
                 summary.steps += 1
-                summary.losses.append(loss_value)
+                summary.losses.append(loss)
                 if reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:
                     summary.pushes_accepted += 1
                 else:
                     summary.pushes_dropped += 1
                 if cfg.log_every and summary.steps % cfg.log_every == 0:
-                    log.info("%s step %d: version %d, loss %.4f", prefix, summary.steps, header.version, loss_value)
+                    log.info("%s step %d: version %d, loss %.4f", prefix, summary.steps, header.version, loss)
                 summary.final_version = reply.version
                 if reply.done:
                     break

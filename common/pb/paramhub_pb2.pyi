@@ -96,18 +96,24 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
     local_steps: int
     heartbeat_interval_s: float
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    local_lr: float
+    local_momentum: float
+    staleness_bound: int
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
@@ -258,7 +264,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "worker_name", "incarnation", "pushes_accepted", "pushes_dropped", "last_base_version", "seconds_since_seen", "alive", "last_loss")
+    __slots__ = ("worker_id", "worker_name", "incarnation", "pushes_accepted", "pushes_dropped", "last_base_version", "seconds_since_seen", "alive", "last_loss", "updates_applied")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +274,7 @@ class WorkerStatus(_message.Message):
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     worker_name: str
     incarnation: int
@@ -277,10 +284,19 @@ class WorkerStatus(_message.Message):
     seconds_since_seen: float
     alive: bool
     last_loss: float
-    def __init__(self, worker_id: _Optional[int] = ..., worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., pushes_dropped: _Optional[int] = ..., last_base_version: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., last_loss: _Optional[float] = ...) -> None: ...
+    updates_applied: int
+    def __init__(self, worker_id: _Optional[int] = ..., worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., pushes_dropped: _Optional[int] = ..., last_base_version: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., last_loss: _Optional[float] = ..., updates_applied: _Optional[int] = ...) -> None: ...
+
+class StalenessCount(_message.Message):
+    __slots__ = ("staleness", "count")
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    staleness: int
+    count: int
+    def __init__(self, staleness: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss")
+    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +306,10 @@ class StatusResponse(_message.Message):
     PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     version: int
     mode: str
     update: str
@@ -299,4 +319,8 @@ class StatusResponse(_message.Message):
     pushes_rejected: int
     server_epoch: str
     last_loss: float
-    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ...) -> None: ...
+    staleness_histogram: _containers.RepeatedCompositeFieldContainer[StalenessCount]
+    max_staleness: int
+    staleness_bound: int
+    pushes_applied: int
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ...) -> None: ...
