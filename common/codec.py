@@ -148,6 +148,8 @@ def _parse_chunk_fast(buf: memoryview) -> Chunk | None:
             pos += n
         else:
             return None  # unknown field or order: let protobuf handle it
+    if region >> 32 or offset >> 64:
+        return None  # out-of-range varint: protobuf truncates it, so let protobuf read it
     return Chunk(region, offset, data if data is not None else memoryview(b""))
 
 

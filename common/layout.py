@@ -114,7 +114,12 @@ class Layout:
     def from_entries(cls, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], str]]) -> "Layout":
         """Builds a layout from (name, dtype, shape, role) in state_dict order."""
         entries = list(entries)
-        for name, dtype, _, role in entries:
+        names = [name for name, _, _, _ in entries]
+        if len(set(names)) != len(names):
+            raise LayoutError(f"duplicate tensor names: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+        for name, dtype, shape, role in entries:
+            if any(int(s) < 0 for s in shape):
+                raise LayoutError(f"{name}: negative dimension in shape {tuple(shape)}")
             if dtype not in DTYPE_TO_WIRE:
                 raise LayoutError(f"{name}: dtype {dtype} cannot travel on the wire")
             if role not in (PARAM, BUFFER):

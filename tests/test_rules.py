@@ -1,0 +1,214 @@
+"""ps/rules.py: SGD against torch.optim.SGD, the SGD rule's state, and the weighted mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers_unit import property_settings
+from paramhub.ps.rules import SGDRule, WeightedMean, sgd_step
+
+pytestmark = pytest.mark.timeout(60)
+
+CONFIGS = [
+    dict(momentum=0.0, weight_decay=0.0, nesterov=False),
+    dict(momentum=0.0, weight_decay=1e-4, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.0, nesterov=False),
+    dict(momentum=0.9, weight_decay=1e-4, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.0, nesterov=True),
+    dict(momentum=0.9, weight_decay=1e-4, nesterov=True),
+]
+
+
+def torch_sgd_trajectory(start: torch.Tensor, grads: list[torch.Tensor], lr: float, **config) -> list[torch.Tensor]:
+    """Weights after each step of torch.optim.SGD fed ``grads``."""
+    param = torch.nn.Parameter(start.clone())
+    opt = torch.optim.SGD([param], lr=lr, foreach=False, **config)
+    out = []
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+        out.append(param.detach().clone())
+    return out
+
+
+def random_problem(seed: int, size: int, steps: int):
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(size, generator=gen)
+    grads = [torch.randn(size, generator=gen) for _ in range(steps)]
+    return start, grads
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{momentum}-wd{weight_decay}-n{nesterov}".format(**c))
+def test_sgd_step_matches_torch_optim_sgd(config):
+    start, grads = random_problem(seed=1, size=257, steps=5)
+    expected = torch_sgd_trajectory(start, grads, lr=0.05, **config)
+    params, buf = start.clone(), None
+    for step, g in enumerate(grads):
+        params, buf = sgd_step(params, g, buf, lr=0.05, **config)
+        torch.testing.assert_close(params, expected[step], rtol=1e-6, atol=1e-7)
+        assert (buf is None) == (config["momentum"] == 0)
+
+
+@property_settings(30)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 64), steps=st.integers(1, 6),
+       lr=st.floats(1e-4, 1.0), config=st.sampled_from(CONFIGS), scale=st.floats(1e-3, 1e3))
+def test_sgd_step_matches_torch_property(seed, size, steps, lr, config, scale):
+    start, grads = random_problem(seed, size, steps)
+    grads = [g * scale for g in grads]
+    expected = torch_sgd_trajectory(start, grads, lr=lr, **config)
+    rule = SGDRule(lr=lr, **config)
+    state: dict[str, torch.Tensor] = {}
+    params = start.clone()
+    for version, g in enumerate(grads):
+        params = rule.apply(params, g, state, version)
+        torch.testing.assert_close(params, expected[version], rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{momentum}-wd{weight_decay}-n{nesterov}".format(**c))
+def test_sgd_step_never_writes_params_or_grad(config):
+    start, grads = random_problem(seed=2, size=33, steps=3)
+    params, buf = start.clone(), None
+    for g in grads:
+        old_params, old_grad = params.clone(), g.clone()
+        new_params, buf = sgd_step(params, g, buf, lr=0.1, **config)
+        assert torch.equal(params, old_params)  # a pull may still be streaming these
+        assert torch.equal(g, old_grad)
+        assert new_params.data_ptr() != params.data_ptr()
+        assert not torch.equal(new_params, params)
+        if buf is not None:  # the momentum buffer is the rule's own, never an alias of the inputs
+            assert buf.data_ptr() not in (params.data_ptr(), g.data_ptr(), new_params.data_ptr())
+        params = new_params
+
+
+def test_sgd_rule_keeps_momentum_across_calls():
+    start, grads = random_problem(seed=3, size=16, steps=4)
+    config = dict(momentum=0.9, weight_decay=1e-4, nesterov=True)
+    expected = torch_sgd_trajectory(start, grads, lr=0.1, **config)
+    rule = SGDRule(lr=0.1, **config)
+    state: dict[str, torch.Tensor] = {}
+    params = start.clone()
+    for version, g in enumerate(grads):
+        params = rule.apply(params, g, state, version)
+        assert set(state) == {"momentum_buffer"}
+        torch.testing.assert_close(params, expected[version])
+    # Losing the state gives a different (first-step) update: the state is what carries momentum.
+    fresh_state: dict[str, torch.Tensor] = {}
+    restarted = rule.apply(expected[-2], grads[-1], fresh_state, 99)
+    assert not torch.allclose(restarted, expected[-1])
+
+
+def test_sgd_rule_restores_from_checkpointed_state():
+    start, grads = random_problem(seed=4, size=16, steps=4)
+    rule = SGDRule(lr=0.1, momentum=0.9)
+    state: dict[str, torch.Tensor] = {}
+    params = start.clone()
+    for version, g in enumerate(grads[:2]):
+        params = rule.apply(params, g, state, version)
+    saved = {k: v.clone() for k, v in state.items()}
+    resumed_params, resumed_state = params.clone(), saved
+    for version, g in enumerate(grads[2:], start=2):
+        params = rule.apply(params, g, state, version)
+        resumed_params = rule.apply(resumed_params, g, resumed_state, version)
+    assert torch.equal(params, resumed_params)
+    expected = torch_sgd_trajectory(start, grads, lr=0.1, momentum=0.9)
+    torch.testing.assert_close(params, expected[-1])
+
+
+def test_sgd_rule_without_momentum_keeps_no_state():
+    rule = SGDRule(lr=0.5)
+    state: dict[str, torch.Tensor] = {}
+    out = rule.apply(torch.ones(3), torch.full((3,), 2.0), state, 0)
+    assert torch.equal(out, torch.zeros(3))
+    assert state == {}
+
+
+# -- WeightedMean ---------------------------------------------------------------------------------
+
+
+def test_weighted_mean_matches_plain_torch():
+    gen = torch.Generator().manual_seed(0)
+    contributions = [[torch.randn(11, generator=gen), torch.randn(2, 3, generator=gen).reshape(-1)]
+                     for _ in range(4)]
+    weights = [32.0, 8.0, 1.0, 17.0]
+    mean = WeightedMean([t for t in contributions[0]])
+    for tensors, w in zip(contributions, weights):
+        mean.add(tensors, w)
+    assert mean.count == 4 and mean.total_weight == sum(weights)
+    got = mean.mean()
+    for i in range(2):
+        stacked = torch.stack([c[i].double() for c in contributions])
+        w = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+        expected = (stacked * w).sum(0) / w.sum()
+        assert got[i].dtype == torch.float32
+        torch.testing.assert_close(got[i], expected.float())
+
+
+@property_settings(30)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), size=st.integers(1, 40),
+       weights=st.lists(st.integers(1, 1000), min_size=6, max_size=6))
+def test_weighted_mean_property(seed, n, size, weights):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(size, generator=gen) * 10 for _ in range(n)]
+    mean = WeightedMean([xs[0]])
+    for x, w in zip(xs, weights):
+        mean.add([x], float(w))
+    expected = sum(w * x.double() for x, w in zip(xs, weights)) / sum(weights[:n])
+    torch.testing.assert_close(mean.mean()[0], expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_mean_of_one_tensor_is_that_tensor():
+    x = torch.randn(7, generator=torch.Generator().manual_seed(5))
+    mean = WeightedMean([x])
+    mean.add([x], 4.0)  # a power of two: exact in float32
+    assert torch.equal(mean.mean()[0], x)
+
+
+def test_weighted_mean_rounds_integers():
+    like = [torch.zeros(3), torch.zeros(3, dtype=torch.int64)]
+    mean = WeightedMean(like)
+    mean.add([torch.zeros(3), torch.tensor([10, 1, 100], dtype=torch.int64)], 1.0)
+    mean.add([torch.ones(3), torch.tensor([13, 2, 103], dtype=torch.int64)], 2.0)
+    floats, ints = mean.mean()
+    assert ints.dtype == torch.int64
+    # (10 + 26) / 3 = 12, (1 + 4) / 3 = 1.67 -> 2, (100 + 206) / 3 = 102
+    assert ints.tolist() == [12, 2, 102]
+    torch.testing.assert_close(floats, torch.full((3,), 2 / 3))
+
+
+def test_weighted_mean_does_not_alias_inputs_or_results():
+    x = torch.ones(4)
+    mean = WeightedMean([x])
+    mean.add([x], 1.0)
+    first = mean.mean()[0]
+    first.fill_(100.0)
+    x.fill_(50.0)
+    assert torch.equal(mean.mean()[0], torch.ones(4))
+
+
+def test_weighted_mean_reset():
+    mean = WeightedMean([torch.zeros(2)])
+    mean.add([torch.tensor([100.0, 100.0])], 5.0)
+    mean.reset()
+    assert mean.count == 0 and mean.total_weight == 0.0
+    with pytest.raises(ValueError, match="nothing"):
+        mean.mean()
+    mean.add([torch.tensor([1.0, 3.0])], 2.0)
+    assert mean.mean()[0].tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, -1e-9])
+def test_weighted_mean_rejects_non_positive_weight(weight):
+    mean = WeightedMean([torch.zeros(2)])
+    mean.add([torch.ones(2)], 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        mean.add([torch.full((2,), 9.0)], weight)
+    assert mean.count == 1 and mean.total_weight == 1.0  # the refused add changed nothing
+    assert mean.mean()[0].tolist() == [1.0, 1.0]
+
+
+def test_weighted_mean_of_nothing_raises():
+    with pytest.raises(ValueError, match="nothing"):
+        WeightedMean([torch.zeros(3)]).mean()
