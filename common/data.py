@@ -41,7 +41,7 @@ class SyntheticImages(Dataset):
     """
 
     def __init__(self, num_samples: int, num_classes: int, image_size: int, seed: int = 0,
-                 noise: float = 0.5, index_offset: int = 0):
+                 noise: float = 2.0, index_offset: int = 0):
         if num_samples < 1 or num_classes < 1 or image_size < 1:
             raise DataError("synthetic data needs positive sizes")
         self.num_samples = num_samples
