@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers_unit import property_settings
-from paramhub.ps.rules import SGDRule, WeightedMean, sgd_step
+from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, WeightedMean, sgd_step
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -212,3 +212,101 @@ def test_weighted_mean_rejects_non_positive_weight(weight):
 def test_weighted_mean_of_nothing_raises():
     with pytest.raises(ValueError, match="nothing"):
         WeightedMean([torch.zeros(3)]).mean()
+
+
+# -- AdamW, LR schedules, averaging and DiLoCo's outer step --------------------------
+
+
+@property_settings(25)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 64), steps=st.integers(1, 6),
+       lr=st.floats(1e-4, 0.1), weight_decay=st.sampled_from([0.0, 0.01, 0.1]))
+def test_adamw_rule_matches_torch_optim_adamw(seed, size, steps, lr, weight_decay):
+    start, grads = random_problem(seed, size, steps)
+    param = torch.nn.Parameter(start.clone())
+    reference = torch.optim.AdamW([param], lr=lr, weight_decay=weight_decay, foreach=False)
+    rule, state, weights = AdamWRule(lr=lr, weight_decay=weight_decay), {}, start.clone()
+    for version, g in enumerate(grads):
+        param.grad = g.clone()
+        reference.step()
+        before = weights.clone()
+        weights = rule.apply(weights, g, state, version)
+        assert not torch.equal(before, weights) or lr == 0
+    torch.testing.assert_close(weights, param.detach(), rtol=1e-5, atol=1e-6)
+    assert int(state["step"]) == steps
+
+
+def test_lr_schedule_matches_torch_schedulers():
+    """Warm-up then cosine equals LinearLR + CosineAnnealingLR chained by torch; step equals StepLR."""
+    warmup, total, lr = 4, 20, 0.5
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    cosine = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup),
+    ], milestones=[warmup])
+    ours = LRSchedule("cosine", warmup=warmup, total=total)
+    for version in range(total):
+        assert ours.factor(version) * lr == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9), version
+        opt.step()
+        cosine.step()
+    opt = torch.optim.SGD([param], lr=lr)
+    step = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ours = LRSchedule("step", step_size=3, gamma=0.5)
+    for version in range(12):
+        assert ours.factor(version) * lr == pytest.approx(opt.param_groups[0]["lr"]), version
+        opt.step()
+        step.step()
+
+
+def test_lr_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="cosine"):
+        LRSchedule("cosine")
+    with pytest.raises(ValueError, match="unknown"):
+        LRSchedule("linear")
+
+
+def test_sgd_rule_follows_its_schedule():
+    rule = SGDRule(lr=1.0, schedule=LRSchedule("step", step_size=1, gamma=0.5))
+    params = torch.zeros(3)
+    params = rule.apply(params, torch.ones(3), {}, version=0)  # lr 1
+    params = rule.apply(params, torch.ones(3), {}, version=1)  # lr 0.5
+    torch.testing.assert_close(params, torch.full((3,), -1.5))
+
+
+@property_settings(25)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 32), workers=st.integers(1, 4))
+def test_plain_averaging_equals_the_mean_of_the_local_models(seed, size, workers):
+    """Applying the sample-weighted mean delta gives the sample-weighted mean of the local weights."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, generator=gen)
+    local = [base + torch.randn(size, generator=gen) for _ in range(workers)]
+    samples = [float(s) for s in torch.randint(1, 10, (workers,), generator=gen)]
+    mean = WeightedMean([base])
+    for w, n in zip(local, samples):
+        mean.add([w - base], n)
+    result = AveragingRule("none").apply(base, mean.mean()[0], {}, 0)
+    expected = sum(w * n for w, n in zip(local, samples)) / sum(samples)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@property_settings(25)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 32), rounds=st.integers(1, 5),
+       outer_lr=st.floats(0.1, 1.0), outer_momentum=st.floats(0.0, 0.95))
+def test_diloco_outer_step_is_nesterov_sgd_on_the_negated_delta(seed, size, rounds, outer_lr, outer_momentum):
+    """DiLoCo's outer optimizer: torch.optim.SGD(nesterov=True) fed the pseudo-gradient w_base - w_local."""
+    gen = torch.Generator().manual_seed(seed)
+    param = torch.nn.Parameter(torch.randn(size, generator=gen))
+    reference = torch.optim.SGD([param], lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
+    rule = AveragingRule("nesterov", outer_lr=outer_lr, outer_momentum=outer_momentum)
+    weights, state = param.detach().clone(), {}
+    for version in range(rounds):
+        delta = torch.randn(size, generator=gen)
+        param.grad = -delta
+        reference.step()
+        weights = rule.apply(weights, delta, state, version)
+    torch.testing.assert_close(weights, param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_averaging_rule_rejects_an_unknown_outer_optimizer():
+    with pytest.raises(ValueError, match="outer optimizer"):
+        AveragingRule("adam")
