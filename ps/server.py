@@ -106,7 +106,8 @@ class PSServer:
                        heartbeat_interval_s=config.timeouts.heartbeat, local_lr=config.local_lr,
                        local_momentum=config.local_momentum,
                        staleness_bound=-1 if config.mode == "async" and config.staleness is None
-                       else (config.staleness or 0)),
+                       else (config.staleness or 0),
+                       max_push_wait_s=config.timeouts.round or 300.0),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
         )

@@ -263,3 +263,18 @@ def test_a_worker_without_a_server_gives_up_naming_the_address(connect):
     client = connect(port, connect=1.0)
     with pytest.raises(ServerUnreachable, match=f"127.0.0.1:{port}"):
         client.join("w")
+
+
+def test_status_reports_progress_and_the_staleness_histogram(start_server, connect):
+    server = start_server(mode="async", staleness=None, workers=2)
+    a, b = connect(server.port), connect(server.port)
+    a.join("a"), b.join("b")
+    grad = [torch.zeros_like(pulled(a)[0])]
+    a.push(GRAD, 0, grad, num_samples=1, loss=0.7)
+    b.push(GRAD, 0, grad, num_samples=1, loss=0.9)  # applied at version 1: one version stale
+    status = a.status()
+    assert (status.version, status.mode, status.pushes_applied, status.max_staleness) == (2, "async", 2, 1)
+    assert {(h.staleness, h.count) for h in status.staleness_histogram} == {(0, 1), (1, 1)}
+    assert status.staleness_bound == -1
+    assert {w.worker_name: (w.updates_applied, w.last_loss) for w in status.workers} == {
+        "a": (1, pytest.approx(0.7)), "b": (1, pytest.approx(0.9))}

@@ -182,7 +182,8 @@ class PSClient:
             yield pb.PushMessage(header=header)
             yield from codec.encoded_chunks(info.layout, regions, None, chunk_bytes)
 
-        return self._retrying("push", lambda: self._push(messages(), timeout=self.timeouts.transfer))
+        deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
+        return self._retrying("push", lambda: self._push(messages(), timeout=deadline))
 
     def heartbeat(self) -> pb.HeartbeatResponse:
         """Renews the lease."""

@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class RunSpec(_message.Message):
     LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_PUSH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -113,7 +114,8 @@ class RunSpec(_message.Message):
     local_lr: float
     local_momentum: float
     staleness_bound: int
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ...) -> None: ...
+    max_push_wait_s: float
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
