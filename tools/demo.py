@@ -28,7 +28,7 @@ def main(model, workers, steps, image_size, batch_size, timeout):
 
     with LocalCluster() as cluster:
         cluster.start_server("--model", model, "--num-classes", "10", "--workers", str(workers),
-                             "--max-steps", str(steps), "--lr", "0.05", "--momentum", "0.9",
+                             "--max-steps", str(steps), "--lr", "0.02", "--momentum", "0.9",
                              "--checkpoint-dir", str(cluster.workdir / "checkpoints"))
         for shard in range(workers):
             cluster.start_worker(shard, "--data", "synthetic", "--image-size", str(image_size),
