@@ -62,6 +62,10 @@ class ServerConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     resume: bool = False  # continue from the newest valid checkpoint in checkpoint_dir
+    # fine-tuning: start from a local state_dict, optionally with a fresh head and a frozen backbone
+    init_from: str | None = None
+    new_head: bool = False
+    freeze_backbone: bool = False
     chunk_bytes: int = 2 << 20
     max_threads: int = 32
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)

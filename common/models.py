@@ -58,3 +58,62 @@ def build_model(arch: str, num_classes: int, seed: int = 0) -> nn.Module:
 def head_names(model: nn.Module) -> list[str]:
     """state_dict keys of the classifier head (``fc``)."""
     return [name for name in model.state_dict() if name.startswith("fc.")]
+
+
+class WeightsError(ValueError):
+    """Initial weights that cannot be read or do not fit the model."""
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Reads a torchvision-format state_dict from ``.safetensors`` or ``.pt``/``.pth`` without unpickling code.
+
+    ``.pt`` files are read with ``torch.load(weights_only=True)``, which refuses
+    anything but tensors and plain containers. Server-state keys of a paramhub
+    checkpoint (``__paramhub__.*``) are dropped, so our checkpoints work too.
+    """
+    import pathlib
+
+    from safetensors.torch import load_file
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise WeightsError(f"no weights file at {file}")
+    try:
+        if file.suffix == ".safetensors":
+            state = load_file(file)
+        elif file.suffix in (".pt", ".pth"):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+        else:
+            raise WeightsError(f"{file}: expected a .safetensors, .pt or .pth file")
+    except WeightsError:
+        raise
+    except Exception as exc:
+        raise WeightsError(f"cannot read weights from {file}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{file} does not hold a state_dict of tensors")
+    return {k: v for k, v in state.items() if not k.startswith("__paramhub__.")}
+
+
+def load_initial_weights(model: nn.Module, path: str, new_head: bool) -> None:
+    """Loads pretrained weights into ``model``; with ``new_head`` the classifier stays freshly initialised.
+
+    Raises:
+        WeightsError: unreadable file, missing or unexpected tensors, or a head of
+            the wrong size without ``new_head``.
+    """
+    state = read_state_dict(path)
+    head = set(head_names(model))
+    if new_head:
+        state = {k: v for k, v in state.items() if k not in head}
+    expected = set(model.state_dict()) - (head if new_head else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise WeightsError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            hint = " (a different number of classes? add --new-head)" if name in head else ""
+            raise WeightsError(f"{name}: {tuple(tensor.shape)} in {path}, {tuple(own[name].shape)} in the model{hint}")
+    model.load_state_dict(state, strict=not new_head)

@@ -59,6 +59,9 @@ def _positive(ctx, param, value):
 @click.option("--checkpoint-every", default=0, type=click.IntRange(min=0), help="Checkpoint every V versions (0: end only).")
 @click.option("--keep-checkpoints", default=3, type=click.IntRange(min=1), help="How many checkpoints to keep.")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --checkpoint-dir.")
+@click.option("--init-from", default=None, type=click.Path(dir_okay=False), help="Start from this local state_dict (.safetensors or .pt, torchvision format).")
+@click.option("--new-head", is_flag=True, help="With --init-from: a fresh classifier head for --num-classes.")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the head; only its tensors travel on the wire.")
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
@@ -77,13 +80,20 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
         raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
     if options["staleness"] is not None and options["mode"] != "async":
         raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
+    if options["new_head"] and not options["init_from"]:
+        raise click.BadParameter("needs --init-from (a new head on what?)", param_hint="--new-head")
     config = ServerConfig(
         **options,
         timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
     )
     from paramhub.ps.server import PSServer
 
-    server = PSServer(config)
+    from paramhub.common.models import WeightsError
+
+    try:
+        server = PSServer(config)
+    except WeightsError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         server.start()
     except RuntimeError as exc:

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
 from paramhub.common.layout import Layout, LayoutError
-from paramhub.common.models import build_model
+from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.registry import WorkerRegistry
@@ -88,7 +88,15 @@ class PSServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         model = build_model(config.model, config.num_classes, config.seed)
-        self.layout = Layout.from_model(model)
+        if config.init_from:
+            load_initial_weights(model, config.init_from, config.new_head)
+        # With a frozen backbone only the head is laid out for the wire; the rest is
+        # served once (Pull with frozen=true) and never changes.
+        trainable = head_names(model) if config.freeze_backbone else None
+        self.layout = Layout.from_model(model, trainable)
+        frozen = [name for name in model.state_dict() if trainable is not None and name not in trainable]
+        self.frozen_layout = Layout.from_model(model, frozen) if frozen else None
+        self.frozen_regions = self.frozen_layout.flatten(model.state_dict()) if frozen else []
         self.store = self._resumed_store() if config.resume else None
         if self.store is None:
             self.store = ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
@@ -110,6 +118,7 @@ class PSServer:
                        max_push_wait_s=config.timeouts.round or 300.0),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
+            frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
@@ -142,6 +151,8 @@ class PSServer:
                 if meta.get("layout_hash") != self.layout.hash:
                     raise checkpoint.CheckpointError(f"{path} holds a different model ({meta.get('model')})")
                 regions = self.layout.flatten(model_state)
+                if self.frozen_layout is not None:
+                    self.frozen_regions = self.frozen_layout.flatten(model_state)
             except (checkpoint.CheckpointError, LayoutError) as exc:
                 log.error("skipping checkpoint: %s", exc)
                 continue
@@ -180,6 +191,13 @@ class PSServer:
         """Asks ``run_until_done`` to finish (safe from signal handlers and other threads)."""
         self._stop.set()
 
+    def model_state(self, regions: list) -> dict:
+        """The full state_dict (trainable and frozen tensors) as views into the given regions."""
+        state = self.layout.views(regions)
+        if self.frozen_layout is not None:
+            state.update(self.frozen_layout.views(self.frozen_regions))
+        return state
+
     def checkpoint(self) -> str | None:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
@@ -188,7 +206,7 @@ class PSServer:
         server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
                         for r, tensors in rule_state.items() for key, t in tensors.items()}
         path = checkpoint.save_checkpoint(
-            self.config.checkpoint_dir, snap.version, self.layout.views(snap.regions), server_state,
+            self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
             metadata={"model": self.config.model, "num_classes": self.config.num_classes,
                       "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update},
             keep_last=self.config.keep_checkpoints,

@@ -65,7 +65,8 @@ class ParameterServerServicer:
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
-                 chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0):
+                 chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
+                 frozen: tuple[Layout, list] | None = None):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -81,6 +82,8 @@ class ParameterServerServicer:
         self._rejected_lock = threading.Lock()
         self.accepting = True
         self._layout_proto = self.layout.to_proto()
+        self._frozen = frozen
+        self._frozen_proto = frozen[0].to_proto() if frozen else None
         self._all_regions = list(range(len(self.layout.regions)))
 
     # -- unary RPCs -----------------------------------------------------------------
@@ -95,7 +98,7 @@ class ParameterServerServicer:
         return pb.JoinResponse(
             worker_id=record.worker_id, model=self.model_spec, layout=self._layout_proto,
             version=self.store.version, run=self.run_spec, server_epoch=self.epoch,
-            max_chunk_bytes=self.chunk_bytes,
+            max_chunk_bytes=self.chunk_bytes, frozen_layout=self._frozen_proto,
         )
 
     @_abort_on_error
@@ -138,6 +141,9 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Pull(self, request: pb.PullRequest, context) -> Iterator[object]:
+        if request.frozen:
+            yield from self._pull_frozen()
+            return
         if request.layout_hash and request.layout_hash != self.layout.hash:
             raise FailedPrecondition("layout hash differs from the server's; re-join to learn the layout")
         remaining = context.time_remaining()
@@ -149,6 +155,15 @@ class ParameterServerServicer:
             return  # header only: not there yet, ask again
         self.engine.on_pull(request.worker_id, snap.version)
         yield from codec.encoded_chunks(self.layout, snap.regions, self._all_regions, self.chunk_bytes)
+
+    def _pull_frozen(self) -> Iterator[object]:
+        if self._frozen is None:
+            raise FailedPrecondition("this run has no frozen tensors")
+        layout, regions = self._frozen
+        snap = self.store.snapshot()
+        yield pb.PullMessage(header=pb.PullHeader(
+            version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch))
+        yield from codec.encoded_chunks(layout, regions, None, self.chunk_bytes)
 
     @_abort_on_error
     def Push(self, messages: Iterator[object], context) -> pb.PushResponse:

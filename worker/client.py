@@ -51,6 +51,7 @@ class JoinInfo:
     version: int
     server_epoch: str
     max_chunk_bytes: int
+    frozen_layout: Layout | None = None  # tensors pulled once and never pushed (a frozen backbone)
 
 
 class PSClient:
@@ -123,6 +124,7 @@ class PSClient:
             worker_id=reply.worker_id, incarnation=incarnation, model=reply.model,
             layout=Layout.from_proto(reply.layout), run=reply.run, version=reply.version,
             server_epoch=reply.server_epoch, max_chunk_bytes=reply.max_chunk_bytes,
+            frozen_layout=Layout.from_proto(reply.frozen_layout) if reply.frozen_layout.tensors else None,
         )
         self._sequence = 0
         return self.info
@@ -140,10 +142,17 @@ class PSClient:
         """
         info = self._joined()
         request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash)
-        return self._retrying("pull", lambda: self._pull_once(request, regions))
+        return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
 
-    def _pull_once(self, request: pb.PullRequest, regions: list) -> pb.PullHeader:
-        layout = self._joined().layout
+    def pull_frozen(self, regions: list) -> pb.PullHeader:
+        """Streams the frozen tensors (``info.frozen_layout``) into ``regions``; needed once per run."""
+        info = self._joined()
+        if info.frozen_layout is None:
+            raise RunFailed("this run has no frozen tensors")
+        request = pb.PullRequest(worker_id=info.worker_id, frozen=True)
+        return self._retrying("pull", lambda: self._pull_once(request, regions, info.frozen_layout))
+
+    def _pull_once(self, request: pb.PullRequest, regions: list, layout: Layout) -> pb.PullHeader:
         stream = self._pull(request, timeout=self.timeouts.transfer + self.timeouts.pull_wait)
         header = next(stream)
         if not isinstance(header, pb.PullHeader):

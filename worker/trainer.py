@@ -87,8 +87,9 @@ class GradientStep:
 
     kind = pb.PUSH_KIND_GRADIENT
 
-    def __init__(self, model: nn.Module, layout: Layout, run: pb.RunSpec):
+    def __init__(self, model: nn.Module, layout: Layout, frozen_modules: list[nn.Module]):
         self.model = model
+        self.frozen_modules = frozen_modules
         self.params = dict(model.named_parameters())
         self.slots = [t for t in layout.tensors if t.role == PARAM]
         self.loss_fn = nn.CrossEntropyLoss()
@@ -97,7 +98,7 @@ class GradientStep:
         """Fills ``update`` (PARAM region -> flat CPU tensor); returns (samples, mean loss)."""
         images, labels = next(batches)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        self.model.train()
+        train_mode(self.model, self.frozen_modules)
         self.model.zero_grad(set_to_none=False)
         loss = self.loss_fn(self.model(images), labels)
         loss.backward()
@@ -117,17 +118,20 @@ class LocalSGD:
 
     kind = pb.PUSH_KIND_DELTA
 
-    def __init__(self, model: nn.Module, layout: Layout, run: pb.RunSpec, model_regions: list[torch.Tensor]):
+    def __init__(self, model: nn.Module, layout: Layout, run: pb.RunSpec, model_regions: list[torch.Tensor],
+                 frozen_modules: list[nn.Module]):
         self.model = model
+        self.frozen_modules = frozen_modules
         self.local_steps = max(1, run.local_steps)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=run.local_lr, momentum=run.local_momentum)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=run.local_lr, momentum=run.local_momentum)
         self.loss_fn = nn.CrossEntropyLoss()
         self.param_regions = {r: model_regions[r] for r in layout.region_indices(PARAM)}
 
     def compute(self, batches: Iterator, device: torch.device, update: dict[int, torch.Tensor]) -> tuple[int, float]:
         """Trains H steps from the pulled weights and fills ``update`` with the delta."""
         base = {r: flat.clone() for r, flat in self.param_regions.items()}
-        self.model.train()
+        train_mode(self.model, self.frozen_modules)
         samples, loss_sum = 0, 0.0
         for _ in range(self.local_steps):
             images, labels = next(batches)
@@ -143,6 +147,35 @@ class LocalSGD:
         return samples, loss_sum / samples
 
 
+def check_layout(model: nn.Module, layout: Layout, arch: str) -> None:
+    """Raises RunFailed unless our model lays out the server's tensors exactly as the server does."""
+    names = [t.name for t in layout.tensors]
+    if names and Layout.from_model(model, names).hash == layout.hash:
+        return
+    raise RunFailed(f"the server's {arch} has a different layout from ours; "
+                    "are torch/torchvision the same version on both sides?")
+
+
+def freeze(model: nn.Module, frozen_names: set[str]) -> list[nn.Module]:
+    """Stops gradients for frozen parameters; returns the BatchNorm layers that must stay in eval mode.
+
+    A frozen backbone's running statistics must not drift on the workers: they
+    never travel, so each worker would otherwise end up with different ones.
+    """
+    for name, param in model.named_parameters():
+        if name in frozen_names:
+            param.requires_grad_(False)
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in frozen_names]
+
+
+def train_mode(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
+    """``model.train()``, except for frozen BatchNorm layers."""
+    model.train()
+    for module in frozen_modules:
+        module.eval()
+
+
 class Trainer:
     """Trains one shard against the parameter server.
 
@@ -155,6 +188,17 @@ class Trainer:
         self.config = config
         self.client = client
 
+    def _load_frozen(self, model: nn.Module, info) -> list[nn.Module]:
+        """Pulls the frozen tensors once, loads them and freezes them; returns the frozen BatchNorm layers."""
+        check_layout(model, info.frozen_layout, info.model.arch)
+        regions = info.frozen_layout.empty_regions()
+        self.client.pull_frozen(regions)
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in info.frozen_layout.views(regions).items():
+                own[name].copy_(tensor)
+        return freeze(model, {t.name for t in info.frozen_layout.tensors})
+
     def run(self) -> TrainSummary:
         """Trains until the server says the run is done; returns a summary."""
         cfg = self.config
@@ -162,25 +206,23 @@ class Trainer:
         num_shards = cfg.num_shards or info.run.num_workers
         prefix = f"[worker {cfg.shard}/{num_shards}]"
         model = build_model(info.model.arch, info.model.num_classes)
-        if Layout.from_model(model).hash != info.layout.hash:
-            raise RunFailed(
-                f"the server's {info.model.arch} has a different layout from ours; "
-                "are torch/torchvision the same version on both sides?")
         layout = info.layout
+        check_layout(model, layout, info.model.arch)
         device = resolve_device(cfg.device)
         on_cuda = device.type == "cuda"
+        model.to(device)
+        frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)
         model_regions = layout.empty_regions(device) if on_cuda else wire_regions
-        model.to(device)
         bind_model(model, layout, model_regions)
         buffer_regions = layout.region_indices(BUFFER)
         update = {r: torch.zeros_like(wire_regions[r]) for r in layout.region_indices(PARAM)}
         push_regions = [update.get(r, wire_regions[r]) for r in range(len(layout.regions))]
         work = {
-            "grad": lambda: GradientStep(model, layout, info.run),
-            "avg": lambda: LocalSGD(model, layout, info.run, model_regions),
+            "grad": lambda: GradientStep(model, layout, frozen_modules),
+            "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
 
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,

@@ -130,7 +130,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "layout", "version", "run", "server_epoch", "max_chunk_bytes")
+    __slots__ = ("worker_id", "model", "layout", "version", "run", "server_epoch", "max_chunk_bytes", "frozen_layout")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class JoinResponse(_message.Message):
     RUN_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     model: ModelSpec
     layout: Layout
@@ -145,17 +146,20 @@ class JoinResponse(_message.Message):
     run: RunSpec
     server_epoch: str
     max_chunk_bytes: int
-    def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    frozen_layout: Layout
+    def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., frozen_layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "min_version", "layout_hash")
+    __slots__ = ("worker_id", "min_version", "layout_hash", "frozen")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     min_version: int
     layout_hash: str
-    def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "layout_hash", "done", "server_epoch")
