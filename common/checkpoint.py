@@ -10,6 +10,7 @@ leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -27,6 +28,20 @@ _NAME = re.compile(r"^ckpt-v(\d{9})\.safetensors$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or inconsistent."""
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Stored in the checkpoint's metadata and checked on load, so a file that was
+    damaged after it was written (bit rot, a bad copy) is refused, not trained on.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def checkpoint_path(directory: str | os.PathLike, version: int) -> pathlib.Path:
@@ -60,7 +75,7 @@ def save_checkpoint(
     tensors = {name: t.detach().contiguous().cpu() for name, t in model_state.items()}
     for name, t in (server_state or {}).items():
         tensors[STATE_PREFIX + name] = t.detach().contiguous().cpu()
-    meta = {"version": str(version), "paramhub": json.dumps(dict(metadata or {}))}
+    meta = {"version": str(version), "paramhub": json.dumps(dict(metadata or {})), "sha256": tensor_digest(tensors)}
     blob = save(tensors, metadata=meta)
     final = checkpoint_path(directory, version)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
@@ -105,6 +120,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         metadata["version"] = int(raw_meta["version"])
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if "sha256" in raw_meta and raw_meta["sha256"] != tensor_digest(tensors):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
     model = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
     server = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     return model, server, metadata
@@ -113,3 +130,52 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model's state_dict from a checkpoint, ready for ``load_state_dict(strict=True)``."""
     return load_checkpoint(path)[0]
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+    """Writes ``data`` to ``path`` via a temporary file that is fsynced and renamed.
+
+    A reader (or a crash) sees the old file or the new one, never half of one.
+    The directory is created if missing and fsynced so the rename itself is durable.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_state_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                    metadata: Mapping[str, object] | None = None) -> pathlib.Path:
+    """Writes a state_dict to a safetensors file of any name, atomically, in checkpoint format.
+
+    ``load_checkpoint`` reads it back, with ``metadata`` as the metadata it returns,
+    so files such as ps-eval's ``best.safetensors`` export and load like checkpoints.
+
+    Args:
+        path: the file to write (its directory is created if missing).
+        tensors: state_dict-named tensors (views and GPU tensors are fine; they are copied).
+        metadata: JSON-serialisable facts; its ``version`` (default 0) is stored where
+            ``load_checkpoint`` looks for it.
+
+    Returns:
+        The path written.
+    """
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    facts = dict(metadata or {})
+    version = int(facts.pop("version", 0))
+    header = {"version": str(version), "paramhub": json.dumps(facts), "sha256": tensor_digest(tensors)}
+    return write_atomically(path, save(tensors, metadata=header))

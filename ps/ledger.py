@@ -42,3 +42,32 @@ class Ledger:
     def max_staleness(self) -> int:
         """The largest staleness ever applied (0 before any update)."""
         return max(self.staleness_histogram, default=0)
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def to_tensors(self) -> dict[str, "torch.Tensor"]:
+        """The ledger as tensors, for the checkpoint."""
+        import torch
+
+        rows = [[e.version, e.worker_id, e.sequence, e.base_version, e.staleness, e.num_samples] for e in self.entries]
+        return {
+            "ledger.entries": torch.tensor(rows, dtype=torch.int64).reshape(-1, 6),
+            "ledger.scales": torch.tensor([e.scale for e in self.entries], dtype=torch.float64),
+            "ledger.histogram": torch.tensor(sorted(self.staleness_histogram.items()), dtype=torch.int64).reshape(-1, 2),
+            "ledger.applied": torch.tensor(sorted(self.applied_per_worker.items()), dtype=torch.int64).reshape(-1, 2),
+            "ledger.total": torch.tensor(self.total, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, "torch.Tensor"], capacity: int = 100_000) -> "Ledger":
+        """Rebuilds a ledger saved by ``to_tensors`` (an empty one when the keys are absent)."""
+        ledger = cls(capacity)
+        if "ledger.entries" not in tensors:
+            return ledger
+        for row, scale in zip(tensors["ledger.entries"].tolist(), tensors["ledger.scales"].tolist()):
+            version, worker_id, sequence, base, staleness, samples = row
+            ledger.entries.append(LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples))
+        ledger.staleness_histogram.update(dict(tensors["ledger.histogram"].tolist()))
+        ledger.applied_per_worker.update(dict(tensors["ledger.applied"].tolist()))
+        ledger.total = int(tensors["ledger.total"])
+        return ledger

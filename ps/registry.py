@@ -27,6 +27,7 @@ class WorkerRecord:
     last_loss: float = float("nan")
     last_sequence: int = 0
     last_reply: object = None  # the reply to last_sequence, returned again for a retry
+    joined: bool = True  # False for records restored from a checkpoint until the worker joins again
 
 
 class WorkerRegistry:
@@ -64,11 +65,11 @@ class WorkerRegistry:
                     existing.incarnation = incarnation
                     existing.last_sequence = 0
                     existing.last_reply = None
-                existing.alive = True
+                existing.alive = existing.joined = True
                 existing.last_seen = now
                 existing.shard = shard
                 return dataclasses.replace(existing)
-            worker_id = len(self._by_id) + 1
+            worker_id = max(self._by_id, default=0) + 1
             record = WorkerRecord(worker_id, name or f"worker-{worker_id}", incarnation, observer, shard, now)
             self._by_id[worker_id] = record
             if name:
@@ -84,8 +85,8 @@ class WorkerRegistry:
         """
         with self._lock:
             record = self._by_id.get(worker_id)
-            if record is None:
-                raise NotFound(f"unknown worker id {worker_id}; join first")
+            if record is None or not record.joined:
+                raise NotFound(f"unknown worker id {worker_id} (the server may have restarted); join again")
             if incarnation != record.incarnation:
                 raise FailedPrecondition(
                     f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
@@ -93,6 +94,14 @@ class WorkerRegistry:
             if not record.alive:
                 record.alive = True
             return record
+
+    def touch(self, worker_id: int) -> None:
+        """Renews a joined worker's lease if it is known; silently ignores unknown ids."""
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is not None and record.joined:
+                record.last_seen = self._clock()
+                record.alive = True
 
     def leave(self, worker_id: int, incarnation: int) -> None:
         """Ends a worker's lease now."""
@@ -130,6 +139,32 @@ class WorkerRegistry:
         """How many joined trainers are not alive (lease expired or left)."""
         with self._lock:
             return sum(1 for r in self._by_id.values() if not r.observer and not r.alive)
+
+    def export(self) -> list[dict]:
+        """Per-worker progress for a checkpoint (JSON-serialisable)."""
+        with self._lock:
+            return [{"worker_id": r.worker_id, "name": r.name, "incarnation": r.incarnation, "shard": r.shard,
+                     "observer": r.observer, "pushes_accepted": r.pushes_accepted,
+                     "pushes_dropped": r.pushes_dropped, "last_base_version": r.last_base_version}
+                    for r in self._by_id.values()]
+
+    def restore(self, records: list[dict]) -> None:
+        """Reloads exported progress after a restart: same ids for the same names.
+
+        Restored workers count as alive (their lease starts now, so one that never
+        comes back is declared lost after the lease timeout) but must join again
+        before any other call: their old sessions ended with the old process.
+        """
+        with self._lock:
+            now = self._clock()
+            for item in records:
+                record = WorkerRecord(item["worker_id"], item["name"], item["incarnation"], item["observer"],
+                                      item["shard"], now, alive=not item["observer"], joined=False,
+                                      pushes_accepted=item["pushes_accepted"],
+                                      pushes_dropped=item["pushes_dropped"],
+                                      last_base_version=item["last_base_version"])
+                self._by_id[record.worker_id] = record
+                self._by_name[record.name] = record.worker_id
 
     def seconds_since_seen(self, record: WorkerRecord) -> float:
         """Age of the worker's last contact."""

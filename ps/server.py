@@ -7,6 +7,7 @@ checkpoints on the way and a final one at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from paramhub.common.layout import Layout, LayoutError
 from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
+from paramhub.ps.ledger import Ledger
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
@@ -78,6 +80,15 @@ ENGINES = {"sync": _sync_engine, "async": _async_engine}
 PUSH_KINDS = {"grad": pb.PUSH_KIND_GRADIENT, "avg": pb.PUSH_KIND_DELTA}
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint gives back on --resume."""
+
+    store: ParameterStore
+    server_state: dict
+    workers: list[dict]
+
+
 class PSServer:
     """One parameter-server process.
 
@@ -97,21 +108,25 @@ class PSServer:
         frozen = [name for name in model.state_dict() if trainable is not None and name not in trainable]
         self.frozen_layout = Layout.from_model(model, frozen) if frozen else None
         self.frozen_regions = self.frozen_layout.flatten(model.state_dict()) if frozen else []
-        self.store = self._resumed_store() if config.resume else None
-        if self.store is None:
-            self.store = ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
+        resumed = self._resume() if config.resume else None
+        self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
         del model
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
                                           r.name, r.worker_id, config.timeouts.lease))
         self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry)
+        if resumed:
+            self.engine.ledger = Ledger.from_tensors(resumed.server_state)
+            self.registry.restore(resumed.workers)
         self.servicer = ParameterServerServicer(
             self.engine,
             pb.ModelSpec(arch=config.model, num_classes=config.num_classes),
             pb.RunSpec(mode=config.mode, update=config.update, num_workers=config.workers,
                        local_steps=config.local_steps if config.update == "avg" else 1,
-                       heartbeat_interval_s=config.timeouts.heartbeat, local_lr=config.local_lr,
+                       # three heartbeats per lease, so one lost packet does not cost a worker its lease
+                       heartbeat_interval_s=min(config.timeouts.heartbeat, config.timeouts.lease / 3),
+                       local_lr=config.local_lr,
                        local_momentum=config.local_momentum,
                        staleness_bound=-1 if config.mode == "async" and config.staleness is None
                        else (config.staleness or 0),
@@ -137,14 +152,12 @@ class PSServer:
         self.port: int | None = None
         self.last_checkpoint: str | None = None
 
-    def _resumed_store(self) -> ParameterStore | None:
+    def _resume(self) -> "Resumed | None":
         """The state of the newest readable, matching checkpoint; None when there is none.
 
-        A checkpoint that cannot be read or belongs to another model is reported
-        and the previous one tried.
+        A checkpoint that cannot be read, fails its checksum, or belongs to another
+        model is reported and the previous one tried.
         """
-        if not self.config.checkpoint_dir:
-            raise ValueError("--resume needs --checkpoint-dir")
         for path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
             try:
                 model_state, server_state, meta = checkpoint.load_checkpoint(path)
@@ -163,7 +176,8 @@ class PSServer:
                 if region_name in names:
                     rule_state.setdefault(names[region_name], {})[name] = tensor
             log.info("resuming from %s at version %d", path, meta["version"])
-            return ParameterStore(self.layout, regions, version=meta["version"], rule_state=rule_state)
+            store = ParameterStore(self.layout, regions, version=meta["version"], rule_state=rule_state)
+            return Resumed(store, server_state, meta.get("workers", []))
         log.warning("no usable checkpoint in %s: starting from scratch", self.config.checkpoint_dir)
         return None
 
@@ -202,13 +216,17 @@ class PSServer:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
             return None
-        snap, rule_state = self.store.checkpoint_state()
-        server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
-                        for r, tensors in rule_state.items() for key, t in tensors.items()}
+        with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
+            snap, rule_state = self.store.checkpoint_state()
+            server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
+                            for r, tensors in rule_state.items() for key, t in tensors.items()}
+            server_state.update(self.engine.ledger.to_tensors())
+            workers = self.registry.export()
         path = checkpoint.save_checkpoint(
             self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
             metadata={"model": self.config.model, "num_classes": self.config.num_classes,
-                      "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update},
+                      "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update,
+                      "workers": workers},
             keep_last=self.config.keep_checkpoints,
         )
         self.last_checkpoint = str(path)
@@ -216,7 +234,14 @@ class PSServer:
         return self.last_checkpoint
 
     def run_until_done(self) -> None:
-        """Serves until the run completes (``--max-steps``) or ``stop()``; then checkpoints and shuts down."""
+        """Serves until the run completes (``--max-steps``) or ``stop()``, checkpointing on the way.
+
+        Run complete: the workers are told (done) and given a bounded time to
+        leave. Stopped (SIGTERM): new pushes are refused with UNAVAILABLE, those in
+        flight finish, and the workers are *not* told the run is done, so they
+        retry and carry on with the restarted server (``--resume``). Both end
+        with a final checkpoint.
+        """
         seen = last_checkpoint = self.store.version
         every = self.config.checkpoint_every
         while not self._stop.is_set():
@@ -229,10 +254,15 @@ class PSServer:
                 break
         self.servicer.accepting = False
         self._set_serving(False)
-        self.store.finish()  # wakes waiting pulls so workers learn the run is over
-        self.checkpoint()
-        self._drain()
-        self.shutdown()
+        if self.store.done:
+            self.checkpoint()
+            self._drain()
+            self.shutdown()
+        else:
+            log.info("stopping: refusing new pushes, finishing the ones in flight")
+            self.store.interrupt_waits()
+            self.shutdown(grace=self.config.done_grace_s)
+            self.checkpoint()
 
     def _drain(self) -> None:
         """Gives workers a bounded time to learn that the run is done (they Leave)."""
@@ -243,6 +273,6 @@ class PSServer:
             time.sleep(0.05)
 
     def shutdown(self, grace: float = 2.0) -> None:
-        """Stops the gRPC server and background threads."""
-        self._ticker.stop()
+        """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
         self._grpc.stop(grace).wait(grace + 1)
+        self._ticker.stop()

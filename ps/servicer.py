@@ -146,6 +146,8 @@ class ParameterServerServicer:
             return
         if request.layout_hash and request.layout_hash != self.layout.hash:
             raise FailedPrecondition("layout hash differs from the server's; re-join to learn the layout")
+        if request.worker_id:
+            self.registry.touch(request.worker_id)  # a pull renews the lease like a heartbeat
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
         snap = self.store.wait_for_version(request.min_version, wait)
@@ -191,12 +193,17 @@ class ParameterServerServicer:
             return self._response(record.last_reply)
         staged = self.layout.empty_regions()
         assembler = codec.RegionAssembler(self.layout, staged, self._all_regions)
-        for message in messages:
-            if isinstance(message, Exception):
-                raise InvalidArgument(str(message))
-            if not isinstance(message, codec.Chunk):
-                raise InvalidArgument("only chunks may follow the PushHeader")
-            assembler.add(message)
+        try:
+            for message in messages:
+                if isinstance(message, Exception):
+                    raise InvalidArgument(str(message))
+                if not isinstance(message, codec.Chunk):
+                    raise InvalidArgument("only chunks may follow the PushHeader")
+                assembler.add(message)
+        except grpc.RpcError:
+            # The client went away (crash, cancel, deadline) in the middle of the stream.
+            log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, record.name)
+            raise
         assembler.finish()
         if not codec.all_finite(staged, self._all_regions):
             raise InvalidArgument("push contains NaN or infinite values; nothing was applied")

@@ -42,6 +42,7 @@ class ParameterStore:
         self._regions = regions
         self._version = version
         self._done = False
+        self._interrupted = False  # shutting down: waits return at once
         # Optimizer tensors per PARAM region index: {region: {"momentum_buffer": tensor}}.
         self.rule_state: dict[int, dict[str, torch.Tensor]] = {r: dict(s) for r, s in (rule_state or {}).items()}
         self._changed = threading.Condition()
@@ -76,11 +77,17 @@ class ParameterStore:
             self._done = True
             self._changed.notify_all()
 
+    def interrupt_waits(self) -> None:
+        """Makes every current and future wait return at once (the server is shutting down)."""
+        with self._changed:
+            self._interrupted = True
+            self._changed.notify_all()
+
     def wait_for_version(self, min_version: int, timeout: float) -> Snapshot:
         """Waits up to ``timeout`` seconds until version >= min_version or the run is done."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._changed:
-            while self._version < min_version and not self._done:
+            while self._version < min_version and not self._done and not self._interrupted:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -40,18 +40,22 @@ class LocalCluster:
         return self.workdir / f"{name}.log"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.log_path(name), "wb")
+        log = open(self.log_path(name), "ab")
         try:
             return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         finally:
             log.close()  # the child has its own handle
 
-    def start_server(self, *args: str, timeout: float = 60.0) -> int:
-        """Starts ps-server with ``args`` and waits (bounded) until it listens; returns its port."""
+    def start_server(self, *args: str, port: int = 0, timeout: float = 60.0) -> int:
+        """Starts ps-server with ``args`` and waits (bounded) until it listens; returns its port.
+
+        ``port=0`` lets the server pick a free port; a restart passes the old one.
+        Each start appends to the same server log.
+        """
         port_file = self.workdir / "server.port"
         port_file.unlink(missing_ok=True)
-        self.server = self._spawn("server", _console("ps-server") + ["--port", "0", "--port-file", str(port_file),
-                                                                     *args])
+        self.server = self._spawn("server", _console("ps-server") + ["--port", str(port), "--port-file",
+                                                                     str(port_file), *args])
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.server.poll() is not None:
@@ -72,6 +76,11 @@ class LocalCluster:
                                                                       str(shard), *args])
         self.workers.append(proc)
         return proc
+
+    def kill_server(self) -> None:
+        """SIGKILLs the server (a crash: no checkpoint, no goodbye)."""
+        self.server.kill()
+        self.server.wait(timeout=10)
 
     def wait(self, timeout: float) -> dict[str, int]:
         """Waits for every process to exit (bounded); returns their exit codes by name."""

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, TypeVar
 
 import grpc
 
-from paramhub.common import codec
+from paramhub.common import codec, faults
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import Layout
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -35,6 +35,10 @@ class ServerUnreachable(ConnectionError):
     """The server did not answer within the connect timeout."""
 
 
+class ServerRestarted(ConnectionError):
+    """The server restarted (new epoch) or no longer knows this worker: join again."""
+
+
 class RunFailed(RuntimeError):
     """The server refused a call for a reason retrying cannot fix."""
 
@@ -51,6 +55,7 @@ class JoinInfo:
     version: int
     server_epoch: str
     max_chunk_bytes: int
+    name: str
     frozen_layout: Layout | None = None  # tensors pulled once and never pushed (a frozen backbone)
 
 
@@ -103,6 +108,8 @@ class PSClient:
                 return call()
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.NOT_FOUND and self.info is not None:
+                    raise ServerRestarted(f"the server at {self.address} no longer knows this worker") from None
                 if code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 if time.monotonic() + delay > deadline:
@@ -121,13 +128,18 @@ class PSClient:
         request = pb.JoinRequest(worker_name=name, incarnation=incarnation, observer=observer, shard=shard)
         reply = self._retrying("join", lambda: self._stub.Join(request, timeout=self.timeouts.rpc))
         self.info = JoinInfo(
-            worker_id=reply.worker_id, incarnation=incarnation, model=reply.model,
+            worker_id=reply.worker_id, incarnation=incarnation, model=reply.model, name=name,
             layout=Layout.from_proto(reply.layout), run=reply.run, version=reply.version,
             server_epoch=reply.server_epoch, max_chunk_bytes=reply.max_chunk_bytes,
             frozen_layout=Layout.from_proto(reply.frozen_layout) if reply.frozen_layout.tensors else None,
         )
         self._sequence = 0
         return self.info
+
+    def _check_epoch(self, epoch: str) -> None:
+        """Raises ServerRestarted when a reply comes from a different server process than our Join."""
+        if epoch and self.info is not None and epoch != self.info.server_epoch:
+            raise ServerRestarted(f"the server at {self.address} restarted (epoch {epoch})")
 
     def _joined(self) -> JoinInfo:
         if self.info is None:
@@ -157,6 +169,7 @@ class PSClient:
         header = next(stream)
         if not isinstance(header, pb.PullHeader):
             raise RunFailed(f"server sent a malformed pull stream: {header}")
+        self._check_epoch(header.server_epoch)
         if header.version < request.min_version:
             stream.cancel()
             return header
@@ -189,16 +202,25 @@ class PSClient:
 
         def messages() -> Iterator[object]:
             yield pb.PushMessage(header=header)
-            yield from codec.encoded_chunks(info.layout, regions, None, chunk_bytes)
+            chunks = codec.encoded_chunks(info.layout, regions, None, chunk_bytes)
+            if faults.die_mid_push(header.sequence):
+                chunks = list(chunks)
+                yield from chunks[: len(chunks) // 2 + 1]
+                faults.die_now()
+            yield from chunks
 
         deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
-        return self._retrying("push", lambda: self._push(messages(), timeout=deadline))
+        reply = self._retrying("push", lambda: self._push(messages(), timeout=deadline))
+        self._check_epoch(reply.server_epoch)
+        return reply
 
     def heartbeat(self) -> pb.HeartbeatResponse:
         """Renews the lease."""
         info = self._joined()
         request = pb.HeartbeatRequest(worker_id=info.worker_id, incarnation=info.incarnation)
-        return self._stub.Heartbeat(request, timeout=self.timeouts.rpc)
+        reply = self._stub.Heartbeat(request, timeout=self.timeouts.rpc)
+        self._check_epoch(reply.server_epoch)
+        return reply
 
     def leave(self) -> None:
         """Ends the lease (best effort: the server expires it anyway)."""

@@ -21,7 +21,7 @@ from paramhub.common.data import training_shard
 from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.worker.client import PSClient, RunFailed
+from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
 
 log = logging.getLogger("paramhub.worker")
 
@@ -240,21 +240,31 @@ class Trainer:
         version = info.version
         with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat):
             while True:
-                header = self.client.wait_and_pull(wire_regions, version)
-                if header.done:
-                    summary.final_version = header.version
-                    break
-                if on_cuda:
-                    for dst, src in zip(model_regions, wire_regions):
-                        dst.copy_(src, non_blocking=True)
+                try:
+                    header = self.client.wait_and_pull(wire_regions, version)
+                    if header.done:
+                        summary.final_version = header.version
+                        break
+                    if on_cuda:
+                        for dst, src in zip(model_regions, wire_regions):
+                            dst.copy_(src, non_blocking=True)
 
-                num_samples, loss = work.compute(batches, device, update)
+                    num_samples, loss = work.compute(batches, device, update)
 
-                if on_cuda:
-                    for r in buffer_regions:
-                        wire_regions[r].copy_(model_regions[r])
-                reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
-                                         loss=loss)
+                    if on_cuda:
+                        for r in buffer_regions:
+                            wire_regions[r].copy_(model_regions[r])
+                    reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
+                                             loss=loss)
+                except ServerRestarted as exc:
+                    # The work in hand was based on a model the new server may not have: drop
+                    # it, join again (a new incarnation), and go on from the server's version.
+                    log.warning("%s %s; joining again", prefix, exc)
+                    info = self.client.join(name=info.name, shard=cfg.shard)
+                    if info.layout.hash != layout.hash:
+                        raise RunFailed("the restarted server has a different model layout") from None
+                    version = info.version
+                    continue
                 summary.steps += 1
                 summary.losses.append(loss)
                 if reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:

@@ -1,0 +1,159 @@
+"""Faults with real processes and signals: dead workers, a crashed server, SIGTERM, cut streams."""
+
+from __future__ import annotations
+
+import collections
+import re
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+
+from conftest import fast_timeouts
+from paramhub.common import codec
+from paramhub.common.checkpoint import list_checkpoints, load_checkpoint
+from paramhub.common.config import Timeouts
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.ps.ledger import Ledger
+from paramhub.tools.cluster import LocalCluster
+from paramhub.worker.client import PSClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+WORKER_ARGS = ("--image-size", "8", "--batch-size", "8", "--synthetic-size", "256", "--log-every", "1",
+               "--connect-timeout", "60")
+
+
+def wait_for_version(address: str, version: int, timeout: float = 120) -> int:
+    """Polls the server's Status until it reaches ``version`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    with PSClient(address, Timeouts(rpc=5, connect=10)) as client:
+        while time.monotonic() < deadline:
+            status = client.status()
+            if status.version >= version:
+                return status.version
+            time.sleep(0.05)
+    raise TimeoutError(f"server did not reach version {version} in {timeout}s")
+
+
+def ledger_of(ckpt_dir) -> Ledger:
+    _, server_state, _ = load_checkpoint(list_checkpoints(ckpt_dir)[-1])
+    return Ledger.from_tensors(server_state)
+
+
+def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(tmp_path):
+    with LocalCluster(tmp_path / "run") as cluster:
+        cluster.start_server("--model", "mlp", "--num-classes", "4", "--workers", "3", "--max-steps", "12",
+                             "--lease-timeout", "2", "--checkpoint-dir", str(tmp_path / "ckpt"))
+        cluster.start_worker(0, *WORKER_ARGS)
+        cluster.start_worker(1, *WORKER_ARGS)
+        cluster.env["PARAMHUB_FAULT_DIE_MID_PUSH"] = "4"  # worker 2 dies in the middle of its 4th push
+        doomed = cluster.start_worker(2, *WORKER_ARGS)
+        assert doomed.wait(timeout=120) == -signal.SIGKILL
+        cluster.workers.remove(doomed)
+        codes = cluster.wait(timeout=180)
+        server_log = cluster.read_log("server")
+    assert codes == {"server": 0, "worker0": 0, "worker1": 0}, server_log
+    doomed_id = int(re.search(r"worker shard-2 joined \(id (\d+)", server_log).group(1))
+    assert f"shard-2 (id {doomed_id}) lost" in server_log and "push 4 of shard-2 abandoned midway" in server_log
+    ledger = ledger_of(tmp_path / "ckpt")
+    assert sorted({e.version for e in ledger.entries}) == list(range(1, 13))
+    assert ledger.applied_per_worker[doomed_id] == 3  # its first three pushes, never the cut fourth
+
+
+def test_server_killed_and_resumed_loses_and_doubles_no_update(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    server_args = ("--model", "mlp", "--num-classes", "4", "--workers", "2", "--max-steps", "30",
+                   "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--keep-checkpoints", "3")
+    with LocalCluster(tmp_path / "run") as cluster:
+        port = cluster.start_server(*server_args)
+        for shard in (0, 1):
+            cluster.start_worker(shard, *WORKER_ARGS)
+        wait_for_version(cluster.address, 10)
+        cluster.kill_server()  # kill -9: no final checkpoint
+        crashed_at = max(int(p.name[6:15]) for p in list_checkpoints(ckpt))
+        cluster.start_server(*server_args, "--resume", port=port)
+        codes = cluster.wait(timeout=240)
+        logs = {name: cluster.read_log(name) for name in codes}
+    assert codes == {"server": 0, "worker0": 0, "worker1": 0}, logs
+    assert f"resuming from" in logs["server"]
+    assert "joining again" in logs["worker0"] + logs["worker1"]
+    ledger = ledger_of(ckpt)
+    per_version = collections.Counter(e.version for e in ledger.entries)
+    assert sorted(per_version) == list(range(1, 31))  # no version lost
+    assert set(per_version.values()) == {2}  # every sync round exactly one push per worker: none doubled
+    assert crashed_at >= 10
+
+
+def test_sigterm_finishes_in_flight_work_checkpoints_and_workers_ride_through_a_restart(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    server_args = ("--model", "mlp", "--num-classes", "4", "--workers", "2", "--max-steps", "25",
+                   "--checkpoint-dir", str(ckpt))
+    with LocalCluster(tmp_path / "run") as cluster:
+        port = cluster.start_server(*server_args)
+        for shard in (0, 1):
+            cluster.start_worker(shard, *WORKER_ARGS)
+        wait_for_version(cluster.address, 8)
+        cluster.server.send_signal(signal.SIGTERM)
+        assert cluster.server.wait(timeout=60) == 0
+        stopped_at = max(int(p.name[6:15]) for p in list_checkpoints(ckpt))
+        assert stopped_at >= 8  # the final checkpoint holds everything applied
+        cluster.start_server(*server_args, "--resume", port=port)
+        codes = cluster.wait(timeout=240)
+        logs = {name: cluster.read_log(name) for name in codes}
+    assert codes == {"server": 0, "worker0": 0, "worker1": 0}, logs
+    per_version = collections.Counter(e.version for e in ledger_of(ckpt).entries)
+    assert sorted(per_version) == list(range(1, 26)) and set(per_version.values()) == {2}
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, start_server):
+    ckpt = tmp_path / "ckpt"
+    server = start_server(checkpoint_dir=str(ckpt), keep_checkpoints=5)
+    client = PSClient(f"127.0.0.1:{server.port}", fast_timeouts())
+    client.join("w")
+    grad = [torch.ones(client.info.layout.regions[0].numel)]
+    for _ in range(3):
+        client.push(pb.PUSH_KIND_GRADIENT, server.store.version, grad, num_samples=1, loss=0.0)
+        server.checkpoint()
+    client.close()
+    newest = list_checkpoints(ckpt)[-1]
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit in the tensor data: only the checksum notices
+    newest.write_bytes(bytes(data))
+    resumed = start_server(checkpoint_dir=str(ckpt), resume=True)
+    assert resumed.store.version == 2
+    newest.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    assert start_server(checkpoint_dir=str(ckpt), resume=True).store.version == 2
+
+
+def test_an_interrupted_push_leaves_no_trace(start_server, connect):
+    server = start_server(workers=1, lr=1.0)
+    client = connect(server.port)
+    client.join("w")
+    layout = client.info.layout
+    before = server.store.snapshot().regions[0].clone()
+    grad = torch.ones(layout.regions[0].numel)
+    chunks = list(codec.encoded_chunks(layout, [grad], chunk_bytes=256))
+    info = client.info
+    header = pb.PushMessage(header=pb.PushHeader(
+        worker_id=info.worker_id, incarnation=info.incarnation, sequence=1, base_version=0,
+        kind=pb.PUSH_KIND_GRADIENT, layout_hash=layout.hash, num_samples=1, loss=0.0))
+
+    class Cut(Exception):
+        pass
+
+    def cut_stream():
+        yield header
+        yield from chunks[: len(chunks) // 2]
+        raise Cut  # the client's stream breaks off midway
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        push = channel.stream_unary("/paramhub.v1.ParameterServer/Push", request_serializer=codec.encode_message,
+                                    response_deserializer=pb.PushResponse.FromString)
+        with pytest.raises(grpc.RpcError):
+            push(cut_stream(), timeout=10)
+        assert server.store.version == 0 and torch.equal(server.store.snapshot().regions[0], before)
+        reply = push(iter([header] + chunks), timeout=10)  # the same push, whole, is then applied once
+    assert reply.version == 1
+    torch.testing.assert_close(server.store.snapshot().regions[0], before - 1.0)
