@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from paramhub.common.security import Security
+
 MODES = ("sync", "async")
 UPDATES = ("grad", "avg")
 OPTIMIZERS = ("sgd", "adamw")
@@ -66,6 +68,9 @@ class ServerConfig:
     init_from: str | None = None
     new_head: bool = False
     freeze_backbone: bool = False
+    # TLS and/or a shared token; --insecure allows neither on a non-loopback address
+    security: Security = Security()
+    insecure: bool = False
     chunk_bytes: int = 2 << 20
     max_threads: int = 32
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
@@ -90,5 +95,7 @@ class WorkerConfig:
     loader_workers: int = 0
     name: str = ""
     log_every: int = 10
+    epochs: int | None = None  # passes over the shard before the worker leaves (None: until the run is done)
     chunk_bytes: int = 2 << 20
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+    security: Security = Security()

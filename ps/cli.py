@@ -16,6 +16,7 @@ import click
 
 from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
 from paramhub.common.models import ARCHS
+from paramhub.common.cliutil import pop_security, security_options
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.ps")
@@ -67,6 +68,8 @@ def _positive(ctx, param, value):
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
+@security_options
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **options):
     """Run a parameter server that holds the global model and applies the workers' updates."""
@@ -82,21 +85,22 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
         raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
     if options["new_head"] and not options["init_from"]:
         raise click.BadParameter("needs --init-from (a new head on what?)", param_hint="--new-head")
+    security = pop_security(options)
     config = ServerConfig(
         **options,
+        security=security,
         timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
     )
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError
+    from paramhub.common.security import SecurityError, check_listen_address
 
     try:
+        check_listen_address(config.host, security, config.insecure)
         server = PSServer(config)
-    except WeightsError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
         server.start()
-    except RuntimeError as exc:
+    except (WeightsError, SecurityError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     if port_file:
         tmp = pathlib.Path(f"{port_file}.tmp")

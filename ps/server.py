@@ -22,6 +22,7 @@ from paramhub.common.config import ServerConfig
 from paramhub.common.layout import Layout, LayoutError
 from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.registry import WorkerRegistry
@@ -138,6 +139,7 @@ class PSServer:
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="ps-rpc"),
+            interceptors=config.security.server_interceptors(),
             options=KEEPALIVE_OPTIONS + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
                 ("grpc.max_send_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
@@ -184,8 +186,11 @@ class PSServer:
     def start(self) -> int:
         """Binds and starts serving; returns the port (useful with port 0)."""
         address = f"{self.config.host}:{self.config.port}"
+        check_listen_address(self.config.host, self.config.security, self.config.insecure)
+        credentials = self.config.security.server_credentials()
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            self.port = (self._grpc.add_secure_port(address, credentials) if credentials
+                         else self._grpc.add_insecure_port(address))
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {address}: {exc}") from None
         self._grpc.start()

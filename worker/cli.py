@@ -14,6 +14,7 @@ import click
 
 from paramhub.common.config import Timeouts, WorkerConfig
 from paramhub.common.data import AUGMENTS
+from paramhub.common.cliutil import pop_security, security_options
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.worker")
@@ -30,7 +31,11 @@ def _address(ctx, param, value: str) -> str:
 @click.option("--server", default="127.0.0.1:50051", callback=_address, help="The server's host:port.")
 @click.option("--shard", default=0, type=click.IntRange(min=0), help="Which data shard this worker trains.")
 @click.option("--num-shards", default=None, type=click.IntRange(min=1), help="Shards in all (default: the server's --workers).")
-@click.option("--data", default="synthetic", help="'synthetic' or an ImageFolder directory.")
+@click.option("--data", default="synthetic",
+              help="'synthetic'; an ImageFolder directory (split by --shard); one shard written by ps-data split; "
+                   "or the directory holding all its shards (this worker takes shard --shard).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Leave after this many passes over the shard (default: train until the server says done).")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1))
 @click.option("--image-size", default=224, type=click.IntRange(min=8))
 @click.option("--augment", default="auto", type=click.Choice(AUGMENTS), help="Training augmentation; auto follows --image-size.")
@@ -42,19 +47,21 @@ def _address(ctx, param, value: str) -> str:
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
 @click.option("--log-every", default=10, type=click.IntRange(min=0), help="Log the loss every N steps (0: never).")
+@security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(server, shard, num_shards, data, batch_size, image_size, augment, device, seed, synthetic_size,
-         loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level):
+def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
+         loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, **security):
     """Train one data shard: pull the global model, compute, push, until the server says done."""
     setup_logging(log_level)
     keep_freed_memory_resident()
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards})", param_hint="--shard")
     config = WorkerConfig(
-        server=server, shard=shard, num_shards=num_shards, data=data, batch_size=batch_size, image_size=image_size,
+        server=server, shard=shard, num_shards=num_shards, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size,
         augment=augment, device=device, seed=seed, synthetic_size=synthetic_size, loader_workers=loader_workers,
         name=name, log_every=log_every,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
+        security=pop_security(security),
     )
     from paramhub.common.data import DataError
     from paramhub.worker.client import PSClient, RunFailed, ServerUnreachable
@@ -62,7 +69,13 @@ def main(server, shard, num_shards, data, batch_size, image_size, augment, devic
 
     import grpc
 
-    with PSClient(server, config.timeouts, config.chunk_bytes) as client:
+    from paramhub.common.security import SecurityError
+
+    try:
+        client = PSClient(server, config.timeouts, config.chunk_bytes, config.security)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    with client:
         try:
             summary = Trainer(config, client).run()
         except ServerUnreachable as exc:
@@ -72,7 +85,10 @@ def main(server, shard, num_shards, data, batch_size, image_size, augment, devic
             log.error("[worker %d] %s", shard, exc)
             sys.exit(1)
         except grpc.RpcError as exc:
-            log.error("[worker %d] server refused a call: %s: %s", shard, exc.code().name, exc.details())
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                log.error("[worker %d] the server at %s refused us: %s", shard, server, exc.details())
+            else:
+                log.error("[worker %d] server refused a call: %s: %s", shard, exc.code().name, exc.details())
             sys.exit(1)
     log.info("[worker %d] finished: %d steps, final version %d", shard, summary.steps, summary.final_version)
     sys.exit(0)

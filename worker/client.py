@@ -20,6 +20,7 @@ from paramhub.common.config import Timeouts
 from paramhub.common.layout import Layout
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
+from paramhub.common.security import Security, secure_channel
 
 log = logging.getLogger("paramhub.worker")
 T = TypeVar("T")
@@ -66,14 +67,16 @@ class PSClient:
         address: ``host:port``.
         timeouts: deadlines and the retry budget (``timeouts.connect``).
         chunk_bytes: payload bytes per chunk pushed (capped by the server's limit).
+        security: TLS files and/or the shared token.
     """
 
-    def __init__(self, address: str, timeouts: Timeouts = Timeouts(), chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
+    def __init__(self, address: str, timeouts: Timeouts = Timeouts(), chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+                 security: Security = Security()):
         self.address = address
         self.timeouts = timeouts
         self.chunk_bytes = chunk_bytes
         max_message = 64 << 20
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [
+        self._channel = secure_channel(address, security, options=CHANNEL_OPTIONS + [
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
         ])
