@@ -24,6 +24,7 @@ class Timeouts:
     lease: float = 30.0  # silence after which a worker is declared lost
     round: float | None = 300.0  # a sync round closes with what arrived after this
     heartbeat: float = 5.0  # interval between worker heartbeats
+    stall: float = 60.0  # a push stream silent this long is cancelled by the server
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,6 +135,7 @@ class PSServer:
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
+            stall_s=config.timeouts.stall,
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import threading
 import math
+import threading
+import time
 import uuid
 from typing import Iterator
 
@@ -52,6 +53,39 @@ def _abort_on_error(method):
     return stream_wrapper if inspect.isgeneratorfunction(method) else wrapper
 
 
+class StallGuard:
+    """Cancels a client stream that sends nothing for ``stall_s`` seconds.
+
+    A client's own deadline ends a stalled push with DEADLINE_EXCEEDED on its
+    side; this guard protects the server from clients that set none (or a
+    very long one): their stalled stream is cancelled and its staging memory freed.
+    """
+
+    def __init__(self, context, stall_s: float, what: str):
+        self._context = context
+        self._stall_s = stall_s
+        self._what = what
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self.fired = False
+        threading.Thread(target=self._watch, name="stall-guard", daemon=True).start()
+
+    def touch(self) -> None:
+        """Records activity (a message arrived)."""
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self._stall_s / 4)):
+            if time.monotonic() - self._last > self._stall_s:
+                self.fired = True
+                log.warning("%s stalled for over %.0fs: cancelled", self._what, self._stall_s)
+                self._context.cancel()
+                return
+
+
 class ParameterServerServicer:
     """Implements paramhub.v1.ParameterServer on top of an engine.
 
@@ -66,7 +100,7 @@ class ParameterServerServicer:
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
-                 frozen: tuple[Layout, list] | None = None):
+                 frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -77,6 +111,7 @@ class ParameterServerServicer:
         self.pull_wait_s = pull_wait_s
         self.expected_kind = expected_kind
         self.push_wait_s = push_wait_s
+        self.stall_s = stall_s
         self.epoch = uuid.uuid4().hex[:12]
         self.pushes_rejected = 0
         self._rejected_lock = threading.Lock()
@@ -169,13 +204,27 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Push(self, messages: Iterator[object], context) -> pb.PushResponse:
+        guard = StallGuard(context, self.stall_s, f"push from {context.peer()}")
         try:
-            return self._push(messages)
+            return self._push(self._guarded(messages, guard))
         except (PSError, codec.MalformedMessage, LayoutError) as exc:
             with self._rejected_lock:
                 self.pushes_rejected += 1
             log.warning("rejected push: %s", exc)
             raise
+        finally:
+            guard.close()
+
+    @staticmethod
+    def _guarded(messages: Iterator[object], guard: StallGuard) -> Iterator[object]:
+        """Passes messages through, telling the guard; the guard stops once the stream has ended
+        (an SSP wait that follows is not a stall)."""
+        try:
+            for message in messages:
+                guard.touch()
+                yield message
+        finally:
+            guard.close()
 
     def _push(self, messages: Iterator[object]) -> pb.PushResponse:
         header = next(messages, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 import torch
@@ -278,3 +280,22 @@ def test_status_reports_progress_and_the_staleness_histogram(start_server, conne
     assert status.staleness_bound == -1
     assert {w.worker_name: (w.updates_applied, w.last_loss) for w in status.workers} == {
         "a": (1, pytest.approx(0.7)), "b": (1, pytest.approx(0.9))}
+
+
+def test_a_stalled_push_is_cancelled_and_changes_nothing(start_server, connect):
+    server = start_server(timeouts=fast_timeouts(stall=0.5))
+    client = connect(server.port)
+    client.join("w")
+    release = threading.Event()
+
+    def stalled():
+        yield header(client, 1)
+        release.wait(10)  # the client stops sending but keeps the stream open
+
+    with pytest.raises(grpc.RpcError) as err:
+        raw_push(server.port, stalled(), timeout=30)
+    release.set()
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert server.store.version == 0
+    grad = [torch.zeros(client.info.layout.regions[0].numel)]
+    assert client.push(GRAD, 0, grad, num_samples=1, loss=0.0).version == 1
