@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import fast_timeouts
+from netns import Host, require_netns
 from paramhub.common import codec
 from paramhub.common.checkpoint import list_checkpoints, load_checkpoint
 from paramhub.common.config import Timeouts
@@ -157,3 +158,32 @@ def test_an_interrupted_push_leaves_no_trace(start_server, connect):
         reply = push(iter([header] + chunks), timeout=10)  # the same push, whole, is then applied once
     assert reply.version == 1
     torch.testing.assert_close(server.store.snapshot().regions[0], before - 1.0)
+
+
+def test_a_worker_cut_off_by_the_network_is_lost_while_the_others_go_on(tmp_path):
+    require_netns()
+    host = Host(7)
+    try:
+        with LocalCluster(tmp_path / "run") as cluster:
+            cluster.start_server("--host", "0.0.0.0", "--insecure", "--model", "mlp", "--num-classes", "4",
+                                 "--workers", "3", "--max-steps", "20", "--lease-timeout", "2",
+                                 "--checkpoint-dir", str(tmp_path / "ckpt"))
+            cluster.start_worker(0, *WORKER_ARGS)
+            cluster.start_worker(1, *WORKER_ARGS)
+            remote = cluster.start_worker(2, "--image-size", "8", "--batch-size", "8", "--synthetic-size", "256",
+                                          "--connect-timeout", "5", "--rpc-timeout", "3",
+                                          server=f"{host.gateway}:{cluster.port}", wrapper=host.wrapper)
+            wait_for_version(cluster.address, 4)
+            host.cut()
+            assert remote.wait(timeout=120) != 0  # it gives up once the server stays unreachable
+            cluster.workers.remove(remote)
+            codes = cluster.wait(timeout=180)
+            server_log = cluster.read_log("server")
+    finally:
+        host.remove()
+    assert codes == {"server": 0, "worker0": 0, "worker1": 0}, server_log
+    remote_id = int(re.search(r"worker shard-2 joined \(id (\d+)", server_log).group(1))
+    assert f"shard-2 (id {remote_id}) lost" in server_log
+    ledger = ledger_of(tmp_path / "ckpt")
+    assert sorted({e.version for e in ledger.entries}) == list(range(1, 21))
+    assert ledger.applied_per_worker[remote_id] >= 3

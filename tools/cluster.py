@@ -70,10 +70,15 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start_worker(self, shard: int, *args: str) -> subprocess.Popen:
-        """Starts ps-worker for ``shard`` against the server."""
-        proc = self._spawn(f"worker{shard}", _console("ps-worker") + ["--server", self.address, "--shard",
-                                                                      str(shard), *args])
+    def start_worker(self, shard: int, *args: str, server: str | None = None,
+                     wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Starts ps-worker for ``shard`` against the server.
+
+        ``server`` overrides the address (another host's view of the server);
+        ``wrapper`` prefixes the command (``ip netns exec NS`` runs it on another host).
+        """
+        proc = self._spawn(f"worker{shard}", [*wrapper, *_console("ps-worker"), "--server", server or self.address,
+                                              "--shard", str(shard), *args])
         self.workers.append(proc)
         return proc
 
