@@ -246,6 +246,19 @@ class RegionAssembler:
             raise MalformedMessage(f"stream ended with region {spec.name} at {self._filled} of {spec.nbytes} bytes")
 
 
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def to_wire(regions: list[torch.Tensor], wire_layout: Layout) -> list[torch.Tensor]:
+    """Regions converted to the wire layout's dtypes (the same tensors where nothing changes)."""
+    return [r if r.dtype == spec.dtype else r.to(spec.dtype) for r, spec in zip(regions, wire_layout.regions)]
+
+
+def from_wire(wire_regions: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+    """Received wire regions converted back to the model layout's dtypes."""
+    return [r if r.dtype == spec.dtype else r.to(spec.dtype) for r, spec in zip(wire_regions, layout.regions)]
+
+
 def all_finite(regions: list[torch.Tensor], region_ids: list[int]) -> bool:
     """True when no floating element of the given regions is NaN or infinite."""
     return all(

@@ -73,6 +73,7 @@ class ServerConfig:
     security: Security = Security()
     insecure: bool = False
     chunk_bytes: int = 2 << 20
+    wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pushes and pulls
     max_threads: int = 32
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     # After the run is done, keep answering this long so workers learn it.

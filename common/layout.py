@@ -159,6 +159,24 @@ class Layout:
         """Indices of the regions holding tensors of ``role``."""
         return [i for i, r in enumerate(self.regions) if r.role == role]
 
+    def on_wire(self, float_dtype: torch.dtype) -> "Layout":
+        """This layout as it travels when floats are sent as ``float_dtype`` (bf16, fp16).
+
+        Same regions, tensors and offsets; floating regions change dtype (and so
+        byte size); integer regions stay as they are. Its hash is not the model's
+        identity: headers always name ``self.hash``.
+        """
+        if float_dtype == torch.float32 or not float_dtype.is_floating_point:
+            return self
+
+        def convert(dtype: torch.dtype) -> torch.dtype:
+            return float_dtype if dtype.is_floating_point else dtype
+
+        return Layout(
+            tuple(dataclasses.replace(r, dtype=convert(r.dtype)) for r in self.regions),
+            tuple(dataclasses.replace(t, dtype=convert(t.dtype)) for t in self.tensors),
+        )
+
     # -- protobuf -----------------------------------------------------------------
 
     def to_proto(self) -> pb.Layout:

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
-from paramhub.common.layout import Layout, LayoutError
+from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError
 from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.security import check_listen_address
@@ -131,11 +131,12 @@ class PSServer:
                        local_momentum=config.local_momentum,
                        staleness_bound=-1 if config.mode == "async" and config.staleness is None
                        else (config.staleness or 0),
-                       max_push_wait_s=config.timeouts.round or 300.0),
+                       max_push_wait_s=config.timeouts.round or 300.0,
+                       wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]]),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
-            stall_s=config.timeouts.stall,
+            stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(

@@ -17,6 +17,7 @@ import uuid
 from typing import Iterator
 
 import grpc
+import torch
 
 from paramhub.common import codec
 from paramhub.common.layout import Layout, LayoutError
@@ -100,7 +101,8 @@ class ParameterServerServicer:
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
-                 frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0):
+                 frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
+                 wire_dtype: torch.dtype = torch.float32):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -120,6 +122,9 @@ class ParameterServerServicer:
         self._frozen = frozen
         self._frozen_proto = frozen[0].to_proto() if frozen else None
         self._all_regions = list(range(len(self.layout.regions)))
+        self.wire_layout = self.layout.on_wire(wire_dtype)
+        self._wire_cache = (-1, None)  # (version, regions converted for the wire): one conversion per version
+        self._wire_cache_lock = threading.Lock()
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -191,7 +196,19 @@ class ParameterServerServicer:
         if snap.version < request.min_version:
             return  # header only: not there yet, ask again
         self.engine.on_pull(request.worker_id, snap.version)
-        yield from codec.encoded_chunks(self.layout, snap.regions, self._all_regions, self.chunk_bytes)
+        yield from codec.encoded_chunks(self.wire_layout, self._wire_regions(snap), self._all_regions,
+                                        self.chunk_bytes)
+
+    def _wire_regions(self, snap) -> list:
+        """The snapshot's regions in the wire dtype, converted once per version for all pullers."""
+        if self.wire_layout is self.layout:
+            return snap.regions
+        with self._wire_cache_lock:
+            version, regions = self._wire_cache
+            if version != snap.version:
+                regions = codec.to_wire(snap.regions, self.wire_layout)
+                self._wire_cache = (snap.version, regions)
+            return regions
 
     def _pull_frozen(self) -> Iterator[object]:
         if self._frozen is None:
@@ -240,8 +257,8 @@ class ParameterServerServicer:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
                 pass
             return self._response(record.last_reply)
-        staged = self.layout.empty_regions()
-        assembler = codec.RegionAssembler(self.layout, staged, self._all_regions)
+        staged = self.wire_layout.empty_regions()
+        assembler = codec.RegionAssembler(self.wire_layout, staged, self._all_regions)
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -256,6 +273,7 @@ class ParameterServerServicer:
         assembler.finish()
         if not codec.all_finite(staged, self._all_regions):
             raise InvalidArgument("push contains NaN or infinite values; nothing was applied")
+        staged = codec.from_wire(staged, self.layout)
         if header.dry_run:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,

@@ -299,3 +299,19 @@ def test_a_stalled_push_is_cancelled_and_changes_nothing(start_server, connect):
     assert server.store.version == 0
     grad = [torch.zeros(client.info.layout.regions[0].numel)]
     assert client.push(GRAD, 0, grad, num_samples=1, loss=0.0).version == 1
+
+
+@pytest.mark.parametrize("wire, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_wire_halves_the_bytes_and_rounds_only_in_transit(start_server, connect, wire, dtype):
+    server = start_server(wire_dtype=wire, lr=1.0)
+    client = connect(server.port)
+    info = client.join("w")
+    assert info.wire_layout.nbytes == info.layout.nbytes // 2
+    w0 = server.store.snapshot().regions[0].clone()
+    pulled_w0 = pulled(client)[0]
+    assert pulled_w0.dtype == torch.float32
+    torch.testing.assert_close(pulled_w0, w0.to(dtype).float(), rtol=0, atol=0)
+    grad = torch.linspace(-1, 1, w0.numel())
+    client.push(GRAD, 0, [grad], num_samples=1, loss=0.0)
+    expected = w0 - grad.to(dtype).float()  # the server keeps fp32 weights; only the gradient was rounded
+    torch.testing.assert_close(server.store.snapshot().regions[0], expected, rtol=0, atol=0)

@@ -14,10 +14,11 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 import grpc
+import torch
 
 from paramhub.common import codec, faults
 from paramhub.common.config import Timeouts
-from paramhub.common.layout import Layout
+from paramhub.common.layout import WIRE_TO_DTYPE, Layout
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import Security, secure_channel
@@ -58,6 +59,11 @@ class JoinInfo:
     max_chunk_bytes: int
     name: str
     frozen_layout: Layout | None = None  # tensors pulled once and never pushed (a frozen backbone)
+
+    @property
+    def wire_layout(self) -> Layout:
+        """The layout as it travels (floats in the run's wire dtype)."""
+        return self.layout.on_wire(WIRE_TO_DTYPE.get(self.run.wire_dtype, torch.float32))
 
 
 class PSClient:
@@ -157,7 +163,15 @@ class PSClient:
         """
         info = self._joined()
         request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash)
-        return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
+        wire = info.wire_layout
+        if wire is info.layout:
+            return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
+        received = wire.empty_regions()
+        header = self._retrying("pull", lambda: self._pull_once(request, received, wire))
+        if header.version >= min_version:
+            for dst, src in zip(regions, received):
+                dst.copy_(src)  # back to the model's dtypes
+        return header
 
     def pull_frozen(self, regions: list) -> pb.PullHeader:
         """Streams the frozen tensors (``info.frozen_layout``) into ``regions``; needed once per run."""
@@ -205,7 +219,8 @@ class PSClient:
 
         def messages() -> Iterator[object]:
             yield pb.PushMessage(header=header)
-            chunks = codec.encoded_chunks(info.layout, regions, None, chunk_bytes)
+            wire = info.wire_layout
+            chunks = codec.encoded_chunks(wire, codec.to_wire(regions, wire), None, chunk_bytes)
             if faults.die_mid_push(header.sequence):
                 chunks = list(chunks)
                 yield from chunks[: len(chunks) // 2 + 1]

@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class RunSpec(_message.Message):
     LOCAL_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     MAX_PUSH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -115,7 +116,8 @@ class RunSpec(_message.Message):
     local_momentum: float
     staleness_bound: int
     max_push_wait_s: float
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ...) -> None: ...
+    wire_dtype: DType
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
