@@ -49,89 +49,6 @@ def checkpoint_path(directory: str | os.PathLike, version: int) -> pathlib.Path:
     return pathlib.Path(directory) / f"ckpt-v{version:09d}.safetensors"
 
 
-def save_checkpoint(
-    directory: str | os.PathLike,
-    version: int,
-    model_state: Mapping[str, torch.Tensor],
-    server_state: Mapping[str, torch.Tensor] | None = None,
-    metadata: Mapping[str, object] | None = None,
-    keep_last: int = 3,
-) -> pathlib.Path:
-    """Writes a checkpoint atomically and prunes all but the newest ``keep_last``.
-
-    Args:
-        directory: created if missing.
-        version: the global version the state belongs to.
-        model_state: state_dict-named tensors (views are fine; they are copied).
-        server_state: optimizer and other server tensors, stored with STATE_PREFIX.
-        metadata: JSON-serialisable facts (model spec, layout hash, ...).
-        keep_last: how many checkpoints to keep; 0 keeps all.
-
-    Returns:
-        The path written.
-    """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model_state.items()}
-    for name, t in (server_state or {}).items():
-        tensors[STATE_PREFIX + name] = t.detach().contiguous().cpu()
-    meta = {"version": str(version), "paramhub": json.dumps(dict(metadata or {})), "sha256": tensor_digest(tensors)}
-    blob = save(tensors, metadata=meta)
-    final = checkpoint_path(directory, version)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    if keep_last > 0:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            old.unlink(missing_ok=True)
-    return final
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[pathlib.Path]:
-    """Checkpoint files in ``directory``, oldest first."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Reads a checkpoint: (model state, server state, metadata). Never unpickles."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            raw_meta = f.metadata() or {}
-        metadata = json.loads(raw_meta.get("paramhub", "{}"))
-        metadata["version"] = int(raw_meta["version"])
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if "sha256" in raw_meta and raw_meta["sha256"] != tensor_digest(tensors):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
-    model = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
-    server = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-    return model, server, metadata
-
-
-def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's state_dict from a checkpoint, ready for ``load_state_dict(strict=True)``."""
-    return load_checkpoint(path)[0]
-
-
 def write_atomically(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """Writes ``data`` to ``path`` via a temporary file that is fsynced and renamed.
 
@@ -179,3 +96,67 @@ def save_state_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     version = int(facts.pop("version", 0))
     header = {"version": str(version), "paramhub": json.dumps(facts), "sha256": tensor_digest(tensors)}
     return write_atomically(path, save(tensors, metadata=header))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    version: int,
+    model_state: Mapping[str, torch.Tensor],
+    server_state: Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    keep_last: int = 3,
+) -> pathlib.Path:
+    """Writes a checkpoint atomically and prunes all but the newest ``keep_last``.
+
+    Args:
+        directory: created if missing.
+        version: the global version the state belongs to.
+        model_state: state_dict-named tensors (views are fine; they are copied).
+        server_state: optimizer and other server tensors, stored with STATE_PREFIX.
+        metadata: JSON-serialisable facts (model spec, layout hash, ...).
+        keep_last: how many checkpoints to keep; 0 keeps all.
+
+    Returns:
+        The path written.
+    """
+    tensors = dict(model_state)
+    for name, t in (server_state or {}).items():
+        tensors[STATE_PREFIX + name] = t
+    final = save_state_file(checkpoint_path(directory, version), tensors, {**(metadata or {}), "version": version})
+    if keep_last > 0:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """Checkpoint files in ``directory``, oldest first."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Reads a checkpoint: (model state, server state, metadata). Never unpickles."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        metadata = json.loads(raw_meta.get("paramhub", "{}"))
+        metadata["version"] = int(raw_meta["version"])
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if "sha256" in raw_meta and raw_meta["sha256"] != tensor_digest(tensors):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
+    model = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
+    server = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    return model, server, metadata
+
+
+def load_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's state_dict from a checkpoint, ready for ``load_state_dict(strict=True)``."""
+    return load_checkpoint(path)[0]

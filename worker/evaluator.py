@@ -1,0 +1,231 @@
+"""The evaluator: an observer that scores the global model as the run goes.
+
+join as an observer (not counted as a worker, never pushes) → build the model the
+server names → loop { pull the newest version; evaluate it; append the metrics to
+a JSONL file; keep the best model so far } until the run is done (or once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import threading
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from paramhub.common import checkpoint
+from paramhub.common.config import Timeouts
+from paramhub.common.evaluation import Metrics, evaluate, evaluation_dataset
+from paramhub.common.layout import bind_model
+from paramhub.common.models import build_model
+from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
+from paramhub.worker.trainer import check_layout, resolve_device
+
+log = logging.getLogger("paramhub.worker")
+
+BEST_MODEL = "best.safetensors"
+BEST_METRICS = "best.json"
+# While waiting out --every, ask the server this often whether the run is done: the
+# server exits soon after, and the final version must be evaluated before it does.
+DONE_POLL_S = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything ``ps-eval`` needs.
+
+    ``every`` None means evaluate once; otherwise at most once per ``every`` seconds.
+    """
+
+    server: str = "127.0.0.1:50051"
+    data: str = "synthetic"
+    image_size: int = 224
+    every: float | None = 60.0
+    out: str | None = None
+    checkpoint_dir: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    eval_size: int = 1024
+    seed: int = 0
+    loader_workers: int = 0
+    name: str = ""
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+
+
+class BestModel:
+    """Keeps the best model so far as ``best.safetensors`` plus its metrics in ``best.json``.
+
+    A ``best.json`` left by an earlier evaluator of the same model (same layout
+    hash) is the bar to beat; one of another model is replaced by the first result.
+
+    Args:
+        directory: where both files live (created when first written).
+        facts: what identifies the model (``model``, ``num_classes``, ``layout_hash``);
+            stored in both files so ``ps-ctl export`` can rebuild the model.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, facts: dict):
+        self.directory = pathlib.Path(directory)
+        self.facts = facts
+        self.metrics: Metrics | None = None
+        previous = self._read_previous()
+        if previous is not None:
+            self.metrics = Metrics(**{key: previous[key] for key in ("top1", "top5", "loss", "samples")})
+            log.info("[eval] best so far: version %d, top1 %.4f (from %s)", previous["version"],
+                     self.metrics.top1, self.directory / BEST_METRICS)
+
+    def _read_previous(self) -> dict | None:
+        path = self.directory / BEST_METRICS
+        if not path.is_file():
+            return None
+        try:
+            previous = json.loads(path.read_text())
+            if previous.get("layout_hash") == self.facts["layout_hash"] and (self.directory / BEST_MODEL).is_file():
+                return previous
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("[eval] ignoring unreadable %s: %s", path, exc)
+            return None
+        log.info("[eval] %s belongs to another model; it will be replaced", path)
+        return None
+
+    def offer(self, record: dict, metrics: Metrics, state: dict[str, torch.Tensor]) -> bool:
+        """Saves ``state`` if ``metrics`` beat the best so far; returns whether it did.
+
+        The model goes first and the metrics second, each written atomically, so
+        ``best.json`` never describes a model that is not on disk.
+        """
+        if not metrics.better_than(self.metrics):
+            return False
+        summary = {**record, **self.facts}
+        checkpoint.save_state_file(self.directory / BEST_MODEL, state, summary)
+        checkpoint.write_atomically(self.directory / BEST_METRICS, (json.dumps(summary, indent=2) + "\n").encode())
+        self.metrics = metrics
+        return True
+
+
+class Evaluator:
+    """Evaluates the global model of one parameter server.
+
+    Args:
+        config: the evaluator's settings.
+        client: a connected (not yet joined) PSClient.
+        stop: set it to end the loop after the current step (SIGTERM, tests).
+    """
+
+    def __init__(self, config: EvalConfig, client: PSClient, stop: threading.Event | None = None):
+        self.config = config
+        self.client = client
+        self.stop = stop or threading.Event()
+        self.records: list[dict] = []
+
+    def _join(self) -> JoinInfo:
+        return self.client.join(name=self.config.name, observer=True)
+
+    def run(self) -> list[dict]:
+        """Evaluates until the run is done (or once, or until ``stop``); returns the records written.
+
+        Raises:
+            ServerUnreachable: the server did not answer for ``timeouts.connect`` seconds.
+            RunFailed: the server's model differs from ours, or it changed on a restart.
+            DataError: the evaluation data cannot be used.
+        """
+        cfg = self.config
+        info = self._join()
+        model = build_model(info.model.arch, info.model.num_classes)
+        layout = info.layout
+        check_layout(model, layout, info.model.arch)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        if info.frozen_layout is not None:
+            self._load_frozen(model, info)
+        # Pulls write into CPU buffers; on the CPU the model's tensors are views into them.
+        wire_regions = layout.empty_regions()
+        model_regions = layout.empty_regions(device) if device.type == "cuda" else wire_regions
+        bind_model(model, layout, model_regions)
+
+        data = evaluation_dataset(cfg.data, num_classes=info.model.num_classes, image_size=cfg.image_size,
+                                  size=cfg.eval_size, seed=cfg.seed)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
+                            pin_memory=device.type == "cuda")
+        facts = {"model": info.model.arch, "num_classes": info.model.num_classes, "layout_hash": layout.hash}
+        best = BestModel(cfg.checkpoint_dir, facts) if cfg.checkpoint_dir else None
+        log.info("[eval] joined %s as observer %d: %s, %d classes, %d samples from %s, device %s",
+                 cfg.server, info.worker_id, info.model.arch, info.model.num_classes, len(data), cfg.data, device)
+
+        last = -1  # the last version evaluated
+        due = 0.0  # monotonic time of the next evaluation (--every)
+        while not self.stop.is_set():
+            self._wait_until(due)
+            try:
+                # Blocks server-side (up to the pull wait) until a version newer than the last one exists.
+                header = self.client.pull(wire_regions, min_version=last + 1)
+            except ServerRestarted as exc:
+                last = self._rejoin(exc, layout.hash, last)
+                continue
+            if header.version > last:
+                due = time.monotonic() + (cfg.every or 0.0)
+                if model_regions is not wire_regions:
+                    for dst, src in zip(model_regions, wire_regions):
+                        dst.copy_(src)
+                metrics = evaluate(model, loader, device)
+                record = {"version": header.version, **metrics.to_dict(), "time": round(time.time(), 3)}
+                self._publish(record)
+                if best is not None and best.offer(record, metrics, model.state_dict()):
+                    log.info("[eval] version %d is the best so far: saved to %s", header.version,
+                             best.directory / BEST_MODEL)
+                last = header.version
+            if header.done:
+                log.info("[eval] the run is done; last version evaluated: %d", last)
+                break
+            if cfg.every is None:
+                break
+        self.client.leave()
+        return self.records
+
+    def _load_frozen(self, model: torch.nn.Module, info: JoinInfo) -> None:
+        """Pulls the tensors a frozen-backbone run never changes, once."""
+        check_layout(model, info.frozen_layout, info.model.arch)
+        regions = info.frozen_layout.empty_regions()
+        self.client.pull_frozen(regions)
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in info.frozen_layout.views(regions).items():
+                own[name].copy_(tensor)
+
+    def _rejoin(self, exc: Exception, layout_hash: str, last: int) -> int:
+        """Joins a restarted server again; returns the new ``last`` version evaluated."""
+        log.warning("[eval] %s; joining again", exc)
+        info = self._join()
+        if info.layout.hash != layout_hash:
+            raise RunFailed("the restarted server has a different model layout") from None
+        # A server restarted from an older checkpoint recomputes versions we saw: score them again.
+        return min(last, info.version - 1)
+
+    def _publish(self, record: dict) -> None:
+        """Prints the record as one JSON line and appends it to ``--out``."""
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.config.out:
+            out = pathlib.Path(self.config.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(line + "\n")
+        self.records.append(record)
+        log.info("[eval] version %d: top1 %.4f, top5 %.4f, loss %.4f on %d samples", record["version"],
+                 record["top1"], record["top5"], record["loss"], record["samples"])
+
+    def _wait_until(self, due: float) -> None:
+        """Sleeps until ``due`` (monotonic); returns early when stopped or when the run is done.
+
+        The server exits soon after the run is done, so the final version must be
+        fetched at once, not after the rest of a long ``--every``.
+        """
+        while not self.stop.is_set():
+            remaining = due - time.monotonic()
+            if remaining <= 0 or self.client.status().done:
+                return
+            self.stop.wait(min(DONE_POLL_S, remaining))
