@@ -1,26 +1,28 @@
 """Datasets, transforms and shard splitting.
 
 Two sources: ``synthetic`` (deterministic, learnable, no files) and an ImageFolder
-directory. A dataset is split into N disjoint shards that together cover every
-sample; shard i is the same on every machine for the same seed.
+directory. A directory is one of three things (``shards.resolve_data_source``): a whole
+dataset, split here into N disjoint shards that together cover every sample (shard i is
+the same on every machine for the same seed); one shard written by ``ps-data split``,
+used whole; or the directory holding all of ps-data's shards, of which the worker takes
+its own.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from paramhub.common.shards import DataError, resolve_data_source
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("auto", "imagenet", "cifar", "none")
-
-
-class DataError(ValueError):
-    """The data a user pointed at cannot be used (missing, empty, bad shard)."""
 
 
 class SyntheticImages(Dataset):
@@ -113,13 +115,41 @@ def eval_transform(image_size: int) -> transforms.Compose:
     ])
 
 
-def image_folder(root: str | os.PathLike, transform) -> datasets.ImageFolder:
-    """An ImageFolder with clear errors for a missing or empty tree."""
+class _ManifestImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose classes come from a ps-data manifest, not from the sub-directories present.
+
+    A shard may lack a class that has fewer images than there are shards; numbering the
+    classes it happens to hold would shift the labels of all the others.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], transform):
+        self._manifest_classes = list(classes)
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory):
+        return list(self._manifest_classes), {name: i for i, name in enumerate(self._manifest_classes)}
+
+
+def image_folder(root: str | os.PathLike, transform, classes: Sequence[str] | None = None) -> datasets.ImageFolder:
+    """An ImageFolder with clear errors for a missing or empty tree.
+
+    Args:
+        root: the tree, one sub-directory per class.
+        transform: applied to each PIL image.
+        classes: the class list from a ps-data manifest (label i is ``classes[i]``); a class
+            directory outside it is an error. None: the sub-directories, sorted.
+    """
     path = pathlib.Path(root)
     if not path.is_dir():
         raise DataError(f"data directory {path} does not exist")
+    if classes is not None:
+        extra = sorted({e.name for e in os.scandir(path) if e.is_dir()} - set(classes))
+        if extra:
+            raise DataError(f"{path} has class directories its manifest does not list: {', '.join(extra[:5])}")
     try:
-        return datasets.ImageFolder(str(path), transform=transform)
+        if classes is None:
+            return datasets.ImageFolder(str(path), transform=transform)
+        return _ManifestImageFolder(str(path), classes, transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{path} is not an ImageFolder tree (one sub-directory per class): {exc}") from None
 
@@ -129,8 +159,11 @@ def training_shard(source: str, shard: int, num_shards: int, *, num_classes: int
     """The training samples of one shard.
 
     Args:
-        source: ``synthetic`` or an ImageFolder directory.
-        shard, num_shards: which part of the data this worker trains on.
+        source: ``synthetic``, an ImageFolder directory (split here), one shard written by
+            ``ps-data split`` (used whole), or the directory holding all its shards (shard
+            ``shard`` is taken); see ``shards.resolve_data_source``.
+        shard, num_shards: which part of the data this worker trains on; must match the
+            manifest of a ps-data split.
         num_classes: the model's classes (an ImageFolder with more classes is an error).
         image_size: images are brought to this size.
         augment: a recipe from ``AUGMENTS``.
@@ -138,9 +171,15 @@ def training_shard(source: str, shard: int, num_shards: int, *, num_classes: int
         synthetic_size: samples in the whole synthetic dataset.
     """
     if source == "synthetic":
-        data: Dataset = SyntheticImages(synthetic_size, num_classes, image_size, seed=seed)
-    else:
-        data = image_folder(source, train_transform(image_size, augment))
-        if len(data.classes) > num_classes:
-            raise DataError(f"{source} has {len(data.classes)} classes but the model has {num_classes}")
-    return Subset(data, shard_indices(len(data), shard, num_shards, seed))
+        data = SyntheticImages(synthetic_size, num_classes, image_size, seed=seed)
+        return Subset(data, shard_indices(len(data), shard, num_shards, seed))
+    where = resolve_data_source(source, shard, num_shards)
+    folder = image_folder(where.root, train_transform(image_size, augment), classes=where.classes)
+    if len(folder.classes) > num_classes:
+        raise DataError(f"{where.root} has {len(folder.classes)} classes but the model has {num_classes}")
+    if where.images is not None and len(folder) != where.images:
+        raise DataError(f"{where.root} holds {len(folder)} images but its manifest lists {where.images}; "
+                        "was it changed after ps-data wrote it? (`ps-data verify` tells what differs)")
+    if where.split:
+        return Subset(folder, shard_indices(len(folder), shard, num_shards, seed))
+    return Subset(folder, list(range(len(folder))))

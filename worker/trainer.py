@@ -46,15 +46,17 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cycles through the loader epoch after epoch (reshuffled each time)."""
-    while True:
+def endless(loader: DataLoader, epochs: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cycles through the loader epoch after epoch (reshuffled each time), endlessly or for ``epochs`` passes."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
         yielded = False
         for batch in loader:
             yielded = True
             yield batch
         if not yielded:
             raise RunFailed("the data shard is empty")
+        epoch += 1
 
 
 class Heartbeat:
@@ -231,7 +233,7 @@ class Trainer:
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size,
                             num_workers=cfg.loader_workers, pin_memory=on_cuda,
                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.shard))
-        batches = endless(loader)
+        batches = endless(loader, cfg.epochs)
         summary = TrainSummary()
         log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
                  info.worker_id, info.model.arch, info.model.num_classes, len(data), info.run.mode,
@@ -249,7 +251,12 @@ class Trainer:
                         for dst, src in zip(model_regions, wire_regions):
                             dst.copy_(src, non_blocking=True)
 
-                    num_samples, loss = work.compute(batches, device, update)
+                    try:
+                        num_samples, loss = work.compute(batches, device, update)
+                    except StopIteration:  # --epochs passes are done: push nothing more, leave
+                        log.info("%s finished %d epoch(s) over the shard", prefix, cfg.epochs)
+                        summary.final_version = header.version
+                        break
 
                     if on_cuda:
                         for r in buffer_regions:
