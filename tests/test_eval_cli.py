@@ -205,3 +205,32 @@ def test_ps_eval_against_a_missing_server_exits_2_naming_the_address():
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr and "unreachable" in result.stderr
+
+
+def test_a_slow_evaluation_still_gets_the_final_version_of_a_server_that_has_exited(start_server, connect, tmp_path,
+                                                                                     monkeypatch):
+    """The server exits seconds after the run is done; an evaluation can take longer than that."""
+    import paramhub.worker.evaluator as evaluator_module
+
+    evaluating, release = threading.Event(), threading.Event()
+
+    def slow_evaluate(model, loader, device):
+        evaluating.set()
+        release.wait(30)
+        return evaluate(model, loader, device)
+
+    monkeypatch.setattr(evaluator_module, "evaluate", slow_evaluate)
+    server = start_server(model="mlp", num_classes=4, max_steps=2, done_grace_s=0.1)
+    serving = threading.Thread(target=server.run_until_done, daemon=True)
+    serving.start()
+    evaluator = EvaluatorThread(server.port, tmp_path, every=0.0)
+    assert evaluating.wait(30)  # busy with version 0 ...
+    trainer = connect(server.port)
+    trainer.join("w0", shard=0)
+    train_steps(trainer, 2)
+    trainer.leave()
+    serving.join(30)
+    assert not serving.is_alive()  # ... while the run ends and the server goes away
+    release.set()
+    records = evaluator.join(timeout=30)
+    assert [r["version"] for r in records] == [0, 2]

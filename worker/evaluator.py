@@ -3,6 +3,8 @@
 join as an observer (not counted as a worker, never pushes) → build the model the
 server names → loop { pull the newest version; evaluate it; append the metrics to
 a JSONL file; keep the best model so far } until the run is done (or once).
+A background watcher fetches the final version the moment the run is done, since
+the server exits soon after and an evaluation in progress may take longer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 from paramhub.common import checkpoint
 from paramhub.common.config import Timeouts
 from paramhub.common.evaluation import Metrics, evaluate, evaluation_dataset
-from paramhub.common.layout import bind_model
+from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
 from paramhub.worker.trainer import check_layout, resolve_device
@@ -29,9 +31,8 @@ log = logging.getLogger("paramhub.worker")
 
 BEST_MODEL = "best.safetensors"
 BEST_METRICS = "best.json"
-# While waiting out --every, ask the server this often whether the run is done: the
-# server exits soon after, and the final version must be evaluated before it does.
-DONE_POLL_S = 0.25
+WAIT_SLICE_S = 0.25  # how often waits look at the stop event
+NEVER = 2**63 - 1  # a version no run reaches: a Pull for it returns only when the run is done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,33 +157,42 @@ class Evaluator:
         log.info("[eval] joined %s as observer %d: %s, %d classes, %d samples from %s, device %s",
                  cfg.server, info.worker_id, info.model.arch, info.model.num_classes, len(data), cfg.data, device)
 
+        final = FinalVersion(self.client, layout)
+        if cfg.every is not None:
+            final.start()
         last = -1  # the last version evaluated
         due = 0.0  # monotonic time of the next evaluation (--every)
-        while not self.stop.is_set():
-            self._wait_until(due)
-            try:
-                # Blocks server-side (up to the pull wait) until a version newer than the last one exists.
-                header = self.client.pull(wire_regions, min_version=last + 1)
-            except ServerRestarted as exc:
-                last = self._rejoin(exc, layout.hash, last)
-                continue
-            if header.version > last:
-                due = time.monotonic() + (cfg.every or 0.0)
-                if model_regions is not wire_regions:
-                    for dst, src in zip(model_regions, wire_regions):
-                        dst.copy_(src)
-                metrics = evaluate(model, loader, device)
-                record = {"version": header.version, **metrics.to_dict(), "time": round(time.time(), 3)}
-                self._publish(record)
-                if best is not None and best.offer(record, metrics, model.state_dict()):
-                    log.info("[eval] version %d is the best so far: saved to %s", header.version,
-                             best.directory / BEST_MODEL)
-                last = header.version
-            if header.done:
-                log.info("[eval] the run is done; last version evaluated: %d", last)
-                break
-            if cfg.every is None:
-                break
+        try:
+            while not self.stop.is_set():
+                self._wait_until(due, final.ready)
+                if final.ready.is_set() and final.header.version > last:
+                    header, pulled = final.header, final.regions
+                else:
+                    try:
+                        # Blocks server-side (up to the pull wait) until a version newer than the last exists.
+                        header, pulled = self.client.pull(wire_regions, min_version=last + 1), wire_regions
+                    except ServerRestarted as exc:
+                        last = self._rejoin(exc, layout.hash, last)
+                        continue
+                if header.version > last:
+                    due = time.monotonic() + (cfg.every or 0.0)
+                    if pulled is not model_regions:
+                        for dst, src in zip(model_regions, pulled):
+                            dst.copy_(src)
+                    metrics = evaluate(model, loader, device)
+                    record = {"version": header.version, **metrics.to_dict(), "time": round(time.time(), 3)}
+                    self._publish(record)
+                    if best is not None and best.offer(record, metrics, model.state_dict()):
+                        log.info("[eval] version %d is the best so far: saved to %s", header.version,
+                                 best.directory / BEST_MODEL)
+                    last = header.version
+                if header.done:
+                    log.info("[eval] the run is done; last version evaluated: %d", last)
+                    break
+                if cfg.every is None:
+                    break
+        finally:
+            final.stop()
         self.client.leave()
         return self.records
 
@@ -218,14 +228,56 @@ class Evaluator:
         log.info("[eval] version %d: top1 %.4f, top5 %.4f, loss %.4f on %d samples", record["version"],
                  record["top1"], record["top5"], record["loss"], record["samples"])
 
-    def _wait_until(self, due: float) -> None:
-        """Sleeps until ``due`` (monotonic); returns early when stopped or when the run is done.
-
-        The server exits soon after the run is done, so the final version must be
-        fetched at once, not after the rest of a long ``--every``.
-        """
-        while not self.stop.is_set():
+    def _wait_until(self, due: float, done: threading.Event) -> None:
+        """Sleeps until ``due`` (monotonic); returns early when stopped or when the run is ``done``."""
+        while not self.stop.is_set() and not done.is_set():
             remaining = due - time.monotonic()
-            if remaining <= 0 or self.client.status().done:
+            if remaining <= 0:
                 return
-            self.stop.wait(min(DONE_POLL_S, remaining))
+            done.wait(min(WAIT_SLICE_S, remaining))
+
+
+class FinalVersion:
+    """Fetches the final version the moment the server says the run is done, on a daemon thread.
+
+    The server exits seconds after the run is done, while one evaluation can take
+    minutes: pulling the final weights only after the evaluation in progress would
+    find the server gone. So a background Pull asks for a version that never comes;
+    the server answers it (header only) when the run is done, and the final weights
+    are pulled into ``regions`` at once, ready for the evaluation loop.
+
+    Args:
+        client: the evaluator's joined client (gRPC channels are thread-safe).
+        layout: the server's layout.
+    """
+
+    def __init__(self, client: PSClient, layout: Layout):
+        self.layout = layout
+        self.regions: list[torch.Tensor] = []  # allocated by start(): --once needs no second copy
+        self.header = None  # the final version's header, once ``regions`` hold it
+        self.ready = threading.Event()
+        self._client = client
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="final-version", daemon=True)
+
+    def start(self) -> None:
+        """Starts watching."""
+        self.regions = self.layout.empty_regions()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops watching (a Pull in flight ends within the pull wait, or when the channel closes)."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._client.pull(self.regions, min_version=NEVER).done:
+                    self.header = self._client.pull(self.regions, min_version=0)
+                    self.ready.set()
+                    return
+            except ServerRestarted:
+                self._stop.wait(WAIT_SLICE_S)  # the evaluation loop joins again; then carry on watching
+            except Exception as exc:  # the evaluation loop meets the same failure and reports it
+                log.debug("[eval] final-version watch ended: %s", exc)
+                return
