@@ -259,14 +259,15 @@ class PSServer:
                 last_checkpoint = seen
             if snap.done:
                 break
-        self.servicer.accepting = False
         self._set_serving(False)
         if self.store.done:
+            # Pushes still arriving get a "done" reply (not UNAVAILABLE), so their workers stop cleanly.
             self.checkpoint()
             self._drain()
             self.shutdown()
         else:
             log.info("stopping: refusing new pushes, finishing the ones in flight")
+            self.servicer.accepting = False
             self.store.interrupt_waits()
             self.shutdown(grace=self.config.done_grace_s)
             self.checkpoint()

@@ -41,7 +41,8 @@ def test_server_and_two_workers_train_to_completion_and_checkpoint_loads_into_to
 
 def test_async_averaging_run_with_a_staleness_bound_completes(tmp_path):
     with LocalCluster(tmp_path / "run") as cluster:
-        cluster.start_server("--model", "mlp", "--num-classes", "4", "--workers", "2", "--max-steps", "8",
+        # enough versions that the second worker surely joins before the first could finish alone
+        cluster.start_server("--model", "mlp", "--num-classes", "4", "--workers", "2", "--max-steps", "60",
                              "--mode", "async", "--update", "avg", "--local-steps", "2", "--staleness", "1",
                              "--outer-optimizer", "nesterov", "--checkpoint-dir", str(tmp_path / "ckpt"))
         for shard in (0, 1):
@@ -51,7 +52,8 @@ def test_async_averaging_run_with_a_staleness_bound_completes(tmp_path):
     assert codes == {"server": 0, "worker0": 0, "worker1": 0}, logs
     assert "async/avg" in logs["worker0"]
     _, server_state, meta = load_checkpoint(list_checkpoints(tmp_path / "ckpt")[-1])
-    assert meta["version"] == 8 and any("momentum_buffer" in key for key in server_state)
+    assert meta["version"] == 60 and any("momentum_buffer" in key for key in server_state)
+    assert "[worker 1/2] done after" in logs["worker1"]
 
 
 def test_worker_gives_up_on_a_missing_server_naming_the_address():
