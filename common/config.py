@@ -69,6 +69,11 @@ class ServerConfig:
     init_from: str | None = None
     new_head: bool = False
     freeze_backbone: bool = False
+    # the server evaluating itself every eval_every versions (0: never)
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_image_size: int = 224
+    eval_size: int = 1024
     # TLS and/or a shared token; --insecure allows neither on a non-loopback address
     security: Security = Security()
     insecure: bool = False

@@ -1,8 +1,8 @@
 """Evaluating a classifier: top-1, top-5 and mean cross-entropy over a held-out set.
 
-Pure functions, no gRPC and no files written: the observer (``ps-eval``) and the
-server's own periodic evaluation call the same ``evaluate``, so their numbers
-agree. ``evaluation_dataset`` builds the held-out data both of them use::
+No gRPC here: the observer (``ps-eval``) and the server's own periodic
+evaluation call the same ``evaluate``, so their numbers agree, and keep the best
+model with the same ``BestModel``. ``evaluation_dataset`` builds the held-out data both of them use::
 
     data = evaluation_dataset("/data/val", num_classes=1000, image_size=224)
     loader = DataLoader(data, batch_size=64)
@@ -12,18 +12,25 @@ agree. ``evaluation_dataset`` builds the held-out data both of them use::
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
+import pathlib
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from paramhub.common import checkpoint
 from paramhub.common.data import DataError, SyntheticImages, eval_transform, image_folder
 
 # Synthetic evaluation samples take their noise from seeds far past any training
 # set's, so the model is scored on samples it has never seen (same class patterns).
 SYNTHETIC_INDEX_OFFSET = 10_000_000
+BEST_MODEL = "best.safetensors"
+BEST_METRICS = "best.json"
+log = logging.getLogger("paramhub.eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +127,54 @@ def evaluation_dataset(source: str | os.PathLike, *, num_classes: int, image_siz
     if len(data.classes) > num_classes:
         raise DataError(f"{source} has {len(data.classes)} classes but the model has {num_classes}")
     return data
+
+
+class BestModel:
+    """Keeps the best model so far as ``best.safetensors`` plus its metrics in ``best.json``.
+
+    A ``best.json`` left by an earlier evaluator of the same model (same layout
+    hash) is the bar to beat; one of another model is replaced by the first result.
+
+    Args:
+        directory: where both files live (created when first written).
+        facts: what identifies the model (``model``, ``num_classes``, ``layout_hash``);
+            stored in both files so ``ps-ctl export`` can rebuild the model.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, facts: dict):
+        self.directory = pathlib.Path(directory)
+        self.facts = facts
+        self.metrics: Metrics | None = None
+        previous = self._read_previous()
+        if previous is not None:
+            self.metrics = Metrics(**{key: previous[key] for key in ("top1", "top5", "loss", "samples")})
+            log.info("best so far: version %d, top1 %.4f (from %s)", previous["version"],
+                     self.metrics.top1, self.directory / BEST_METRICS)
+
+    def _read_previous(self) -> dict | None:
+        path = self.directory / BEST_METRICS
+        if not path.is_file():
+            return None
+        try:
+            previous = json.loads(path.read_text())
+            if previous.get("layout_hash") == self.facts["layout_hash"] and (self.directory / BEST_MODEL).is_file():
+                return previous
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return None
+        log.info("%s belongs to another model; it will be replaced", path)
+        return None
+
+    def offer(self, record: dict, metrics: Metrics, state: dict[str, torch.Tensor]) -> bool:
+        """Saves ``state`` if ``metrics`` beat the best so far; returns whether it did.
+
+        The model goes first and the metrics second, each written atomically, so
+        ``best.json`` never describes a model that is not on disk.
+        """
+        if not metrics.better_than(self.metrics):
+            return False
+        summary = {**record, **self.facts}
+        checkpoint.save_state_file(self.directory / BEST_MODEL, state, summary)
+        checkpoint.write_atomically(self.directory / BEST_METRICS, (json.dumps(summary, indent=2) + "\n").encode())
+        self.metrics = metrics
+        return True

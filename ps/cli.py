@@ -63,6 +63,10 @@ def _positive(ctx, param, value):
 @click.option("--init-from", default=None, type=click.Path(dir_okay=False), help="Start from this local state_dict (.safetensors or .pt, torchvision format).")
 @click.option("--new-head", is_flag=True, help="With --init-from: a fresh classifier head for --num-classes.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the head; only its tensors travel on the wire.")
+@click.option("--eval-data", default=None, help="Evaluate the global model on this ImageFolder directory (or 'synthetic').")
+@click.option("--eval-every", default=0, type=click.IntRange(min=0), help="Evaluate every V versions (needs --eval-data).")
+@click.option("--eval-image-size", default=224, type=click.IntRange(min=8), help="Image size for --eval-data.")
+@click.option("--eval-size", default=1024, type=click.IntRange(min=1), help="Samples of synthetic evaluation data.")
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
@@ -86,6 +90,8 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
         raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
     if options["new_head"] and not options["init_from"]:
         raise click.BadParameter("needs --init-from (a new head on what?)", param_hint="--new-head")
+    if bool(options["eval_data"]) != bool(options["eval_every"]):
+        raise click.BadParameter("--eval-data and --eval-every go together", param_hint="--eval-every")
     security = pop_security(options)
     config = ServerConfig(
         **options,
@@ -95,13 +101,14 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError
+    from paramhub.common.data import DataError
     from paramhub.common.security import SecurityError, check_listen_address
 
     try:
         check_listen_address(config.host, security, config.insecure)
         server = PSServer(config)
         server.start()
-    except (WeightsError, SecurityError, RuntimeError) as exc:
+    except (WeightsError, SecurityError, DataError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     if port_file:
         tmp = pathlib.Path(f"{port_file}.tmp")

@@ -24,6 +24,7 @@ from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
+from paramhub.ps.evaluation import ServerEvaluator
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule
@@ -151,6 +152,11 @@ class PSServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.evaluator = ServerEvaluator(
+            config.model, config.num_classes, config.eval_data, config.eval_every, image_size=config.eval_image_size,
+            size=config.eval_size, batch_size=64, out_dir=config.checkpoint_dir,
+            facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
+        ) if config.eval_data and config.eval_every else None
         self._ticker = Ticker(self.engine)
         self._stop = threading.Event()
         self.port: int | None = None
@@ -257,6 +263,8 @@ class PSServer:
             if every and seen - last_checkpoint >= every:
                 self.checkpoint()
                 last_checkpoint = seen
+            if self.evaluator and (self.evaluator.due(seen) or snap.done and self.evaluator.last_version != seen):
+                self.evaluator.run(seen, self.model_state(snap.regions))  # and always the final version
             if snap.done:
                 break
         self._set_serving(False)

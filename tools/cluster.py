@@ -16,7 +16,8 @@ import time
 
 def _console(script: str) -> list[str]:
     """The command that runs one of our console scripts with this interpreter."""
-    module = {"ps-server": "paramhub.ps.cli", "ps-worker": "paramhub.worker.cli"}[script]
+    module = {"ps-server": "paramhub.ps.cli", "ps-worker": "paramhub.worker.cli",
+              "ps-eval": "paramhub.worker.eval_cli"}[script]
     return [sys.executable, "-m", module]
 
 
@@ -34,6 +35,7 @@ class LocalCluster:
         self.env = {**os.environ, **(env or {})}
         self.server: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.evaluator: subprocess.Popen | None = None
         self.port: int | None = None
 
     def log_path(self, name: str) -> pathlib.Path:
@@ -82,6 +84,12 @@ class LocalCluster:
         self.workers.append(proc)
         return proc
 
+    def start_evaluator(self, *args: str) -> subprocess.Popen:
+        """Starts ps-eval against the server (waited for like a worker, logged as ``eval``)."""
+        proc = self._spawn("eval", [*_console("ps-eval"), "--server", self.address, *args])
+        self.evaluator = proc
+        return proc
+
     def kill_server(self) -> None:
         """SIGKILLs the server (a crash: no checkpoint, no goodbye)."""
         self.server.kill()
@@ -91,7 +99,10 @@ class LocalCluster:
         """Waits for every process to exit (bounded); returns their exit codes by name."""
         deadline = time.monotonic() + timeout
         codes = {}
-        for name, proc in [("server", self.server)] + [(f"worker{i}", w) for i, w in enumerate(self.workers)]:
+        named = [("server", self.server)] + [(f"worker{i}", w) for i, w in enumerate(self.workers)]
+        if self.evaluator is not None:
+            named.append(("eval", self.evaluator))
+        for name, proc in named:
             if proc is None:
                 continue
             try:
@@ -106,10 +117,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Kills whatever is still running."""
-        for proc in self.workers + ([self.server] if self.server else []):
+        procs = self.workers + [p for p in (self.evaluator, self.server) if p is not None]
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.workers + ([self.server] if self.server else []):
+        for proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ import threading
 import click
 
 from paramhub.common.config import Timeouts
+from paramhub.common.cliutil import pop_security, security_options
 from paramhub.common.runtime import setup_logging
 from paramhub.worker.cli import _address
 
@@ -41,9 +42,10 @@ DEFAULT_EVERY_S = 60.0
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True),
               help="Seconds to keep retrying an unreachable server, then exit 2.")
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
+@security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(server, data, image_size, every, once, out, checkpoint_dir, batch_size, device, eval_size, seed,
-         loader_workers, name, connect_timeout, rpc_timeout, log_level):
+         loader_workers, name, connect_timeout, rpc_timeout, log_level, **security):
     """Evaluate the global model (top-1, top-5, loss) as an observer; keep the best one.
 
     Prints one JSON line per evaluation (version, top1, top5, loss, time, samples).
@@ -69,7 +71,7 @@ def main(server, data, image_size, every, once, out, checkpoint_dir, batch_size,
     # SIGTERM ends the loop after the current step, so the evaluator leaves cleanly.
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if on_main_thread else None
-    with PSClient(server, config.timeouts) as client:
+    with PSClient(server, config.timeouts, security=pop_security(security)) as client:
         try:
             Evaluator(config, client, stop).run()
         except ServerUnreachable as exc:
@@ -79,7 +81,10 @@ def main(server, data, image_size, every, once, out, checkpoint_dir, batch_size,
             log.error("[eval] %s", exc)
             sys.exit(1)
         except grpc.RpcError as exc:
-            log.error("[eval] server refused a call: %s: %s", exc.code().name, exc.details())
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                log.error("[eval] the server at %s refused us: %s", server, exc.details())
+            else:
+                log.error("[eval] server refused a call: %s: %s", exc.code().name, exc.details())
             sys.exit(1)
         finally:
             if on_main_thread:

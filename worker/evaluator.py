@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from paramhub.common import checkpoint
 from paramhub.common.config import Timeouts
-from paramhub.common.evaluation import Metrics, evaluate, evaluation_dataset
+from paramhub.common.evaluation import BEST_MODEL, BestModel, Metrics, evaluate, evaluation_dataset
 from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
@@ -29,8 +29,6 @@ from paramhub.worker.trainer import check_layout, resolve_device
 
 log = logging.getLogger("paramhub.worker")
 
-BEST_MODEL = "best.safetensors"
-BEST_METRICS = "best.json"
 WAIT_SLICE_S = 0.25  # how often waits look at the stop event
 NEVER = 2**63 - 1  # a version no run reaches: a Pull for it returns only when the run is done
 
@@ -55,57 +53,6 @@ class EvalConfig:
     loader_workers: int = 0
     name: str = ""
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
-
-
-class BestModel:
-    """Keeps the best model so far as ``best.safetensors`` plus its metrics in ``best.json``.
-
-    A ``best.json`` left by an earlier evaluator of the same model (same layout
-    hash) is the bar to beat; one of another model is replaced by the first result.
-
-    Args:
-        directory: where both files live (created when first written).
-        facts: what identifies the model (``model``, ``num_classes``, ``layout_hash``);
-            stored in both files so ``ps-ctl export`` can rebuild the model.
-    """
-
-    def __init__(self, directory: str | pathlib.Path, facts: dict):
-        self.directory = pathlib.Path(directory)
-        self.facts = facts
-        self.metrics: Metrics | None = None
-        previous = self._read_previous()
-        if previous is not None:
-            self.metrics = Metrics(**{key: previous[key] for key in ("top1", "top5", "loss", "samples")})
-            log.info("[eval] best so far: version %d, top1 %.4f (from %s)", previous["version"],
-                     self.metrics.top1, self.directory / BEST_METRICS)
-
-    def _read_previous(self) -> dict | None:
-        path = self.directory / BEST_METRICS
-        if not path.is_file():
-            return None
-        try:
-            previous = json.loads(path.read_text())
-            if previous.get("layout_hash") == self.facts["layout_hash"] and (self.directory / BEST_MODEL).is_file():
-                return previous
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("[eval] ignoring unreadable %s: %s", path, exc)
-            return None
-        log.info("[eval] %s belongs to another model; it will be replaced", path)
-        return None
-
-    def offer(self, record: dict, metrics: Metrics, state: dict[str, torch.Tensor]) -> bool:
-        """Saves ``state`` if ``metrics`` beat the best so far; returns whether it did.
-
-        The model goes first and the metrics second, each written atomically, so
-        ``best.json`` never describes a model that is not on disk.
-        """
-        if not metrics.better_than(self.metrics):
-            return False
-        summary = {**record, **self.facts}
-        checkpoint.save_state_file(self.directory / BEST_MODEL, state, summary)
-        checkpoint.write_atomically(self.directory / BEST_METRICS, (json.dumps(summary, indent=2) + "\n").encode())
-        self.metrics = metrics
-        return True
 
 
 class Evaluator:
