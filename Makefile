@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 # pyproject admits any torch 2.11-2.14 with its matching torchvision.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install proto test test-fast demo bench lint
+.PHONY: install proto test test-fast demo bench lint cluster-up cluster-down
 
 install:
 	$(PIP) install $(TORCH_PAIR)
@@ -30,3 +30,14 @@ bench:
 
 lint:
 	$(PYTHON) -m ruff check common ps worker tests
+
+# A local cluster in Docker (deploy/docker-compose.yml): one server, two workers, one evaluator.
+# Settings in deploy/.env (see deploy/.env.example); GPUs: add -f deploy/docker-compose.gpu.yml.
+COMPOSE ?= docker compose -f deploy/docker-compose.yml
+
+cluster-up:
+	$(COMPOSE) up --build
+
+# Keeps the checkpoints volume; `$(COMPOSE) down -v` deletes it too.
+cluster-down:
+	$(COMPOSE) down
