@@ -53,10 +53,8 @@ CONSOLE_SCRIPTS = {
 
 # PARAMHUB_* variables the deploy sets on purpose although the command does not read them (yet).
 # Each one is a gap in a CLI, reported as an expected failure with its consequence, not hidden.
-KNOWN_GAPS = {
-    ("ps-eval", "PARAMHUB_TOKEN"): "ps-eval has no --token option: PARAMHUB_TOKEN is ignored, so against a "
-                                   "server with a token every evaluator RPC fails UNAUTHENTICATED",
-}
+# (program, variable) pairs a deploy file sets that the program does not read yet, with why.
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 # Claims the manifests use but do not create: the data, which the user provides (deploy/README.md).
 EXTERNAL_CLAIMS = {"paramhub-data"}

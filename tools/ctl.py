@@ -1,6 +1,8 @@
 """ps-ctl: operator commands for paramhub runs and their checkpoints.
 
     ps-ctl export --checkpoint ckpt/ --out resnet50.pt      # newest checkpoint → plain state_dict
+    ps-ctl health head:50051                                # exit 0 only while the server is SERVING
+    ps-ctl status head:50051 [--json]                       # version, workers, staleness
 
 Each subcommand is a thin click wrapper around a plain function that does the work,
 so the same steps can be called from Python and tested without a CLI.
@@ -9,15 +11,20 @@ so the same steps can be called from Python and tested without a CLI.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 
 import click
-import torch
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
                                         write_atomically)
-from paramhub.common.models import build_model
+from paramhub.common.cliutil import pop_security, security_options
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
+from paramhub.common.security import secure_channel
 
 EXPORT_SUFFIXES = (".pt", ".safetensors")
 
@@ -73,12 +80,18 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
     arch, num_classes = meta.get("model"), meta.get("num_classes")
     if arch is None or num_classes is None:
         raise CheckpointError(f"{source} does not say which model it holds (no 'model'/'num_classes' metadata)")
+    import torch  # noqa: F401  (only export needs torch; health checks stay light)
+
+    from paramhub.common.models import build_model
+
     model = build_model(arch, int(num_classes))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source} does not fit {arch} with {num_classes} classes: {exc}") from None
     if out.suffix == ".pt":
+        import torch
+
         blob = io.BytesIO()
         torch.save({name: tensor.contiguous() for name, tensor in state.items()}, blob)
         write_atomically(out, blob.getvalue())
@@ -106,6 +119,76 @@ def export(checkpoint, out):
         builder = f"torchvision.models.get_model({arch!r}, num_classes={num_classes})"
     click.echo(f"exported {arch} ({num_classes} classes, version {meta['version']}) from {source} to {out}\n"
                f"load it with {builder}.load_state_dict(state, strict=True)")
+
+
+# -- health and status ------------------------------------------------------------------
+
+
+def health_status(address: str, service: str = "", timeout: float = 5.0, security=None) -> str:
+    """The grpc.health.v1 status of ``service`` at ``address`` (``SERVING``, ``NOT_SERVING``, ...).
+
+    Raises:
+        grpc.RpcError: the server could not be reached or does not know the service.
+    """
+    from paramhub.common.security import Security
+
+    with secure_channel(address, security or Security(), options=[]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                          timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@main.command()
+@click.argument("address")
+@click.option("--service", default="", help="The service to ask about ('' is the whole server).")
+@click.option("--timeout", default=5.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@security_options
+def health(address, service, timeout, **security):
+    """Exit 0 if the server at ADDRESS (host:port) is SERVING, 1 if not, 2 if unreachable."""
+    try:
+        status = health_status(address, service, timeout, pop_security(security))
+    except grpc.RpcError as exc:
+        click.echo(f"{address}: unreachable ({exc.code().name}: {exc.details()})", err=True)
+        raise SystemExit(2) from None
+    click.echo(f"{address}: {status}")
+    raise SystemExit(0 if status == "SERVING" else 1)
+
+
+def status_table(status: pb.StatusResponse) -> str:
+    """The server's status as text tables: the run, its workers, the staleness histogram."""
+    bound = {-1: "unbounded"}.get(status.staleness_bound, str(status.staleness_bound))
+    lines = [f"version {status.version}  mode {status.mode}/{status.update}  staleness bound {bound}  "
+             f"{'DONE' if status.done else 'running'}  epoch {status.server_epoch}",
+             f"pushes applied {status.pushes_applied}, rejected {status.pushes_rejected}; "
+             f"waiting for the next update {status.round_pushes}; last loss {status.last_loss:.4f}", "",
+             f"{'id':>3} {'name':<20} {'state':<6} {'applied':>8} {'dropped':>8} {'base':>7} {'loss':>8} {'seen':>7}"]
+    for w in status.workers:
+        lines.append(f"{w.worker_id:>3} {w.worker_name[:20]:<20} {'alive' if w.alive else 'lost':<6} "
+                     f"{w.updates_applied:>8} {w.pushes_dropped:>8} {w.last_base_version:>7} {w.last_loss:>8.4f} "
+                     f"{w.seconds_since_seen:>6.1f}s")
+    if status.staleness_histogram:
+        lines += ["", "staleness  pushes"] + [f"{h.staleness:>9}  {h.count}" for h in status.staleness_histogram]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print the Status reply as JSON.")
+@click.option("--timeout", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@security_options
+def status(address, as_json, timeout, **security):
+    """Print the run's state at ADDRESS (host:port): version, workers, staleness."""
+    from google.protobuf import json_format
+
+    try:
+        with secure_channel(address, pop_security(security), options=[]) as channel:
+            reply = pb_grpc.ParameterServerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"{address}: {exc.code().name}: {exc.details()}") from None
+    if as_json:
+        click.echo(json.dumps(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)))
+    else:
+        click.echo(status_table(reply))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def _address(ctx, param, value: str) -> str:
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", default=0, type=int, help="Data seed: the same on every worker.")
 @click.option("--synthetic-size", default=4096, type=click.IntRange(min=1), help="Samples in the whole synthetic dataset.")
+@click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads (0: torch's default, all cores; use cores / workers when several share a machine).")
 @click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--name", default="", help="Stable worker name (default shard-<i>).")
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")
@@ -50,7 +51,7 @@ def _address(ctx, param, value: str) -> str:
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
-         loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, **security):
+         threads, loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, **security):
     """Train one data shard: pull the global model, compute, push, until the server says done."""
     setup_logging(log_level)
     keep_freed_memory_resident()
@@ -63,6 +64,10 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
         security=pop_security(security),
     )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # several workers on one machine must not oversubscribe its cores
     from paramhub.common.data import DataError
     from paramhub.worker.client import PSClient, RunFailed, ServerUnreachable
     from paramhub.worker.trainer import Trainer
