@@ -1,0 +1,277 @@
+"""ps-bench: measurements that the design's claims rest on.
+
+``ps-bench transport`` times one push+pull of the whole model through paramhub's
+own client and server, and, interleaved in the same run, a plain-socket echo of the
+same bytes (tools/socket_baseline.py). It reports both medians and their ratio,
+which is the figure DESIGN.md and BENCHMARKS.md speak in: absolute times on a
+shared machine drift from run to run, the ratio of interleaved rounds much less.
+
+Both servers run in child processes (hidden ``serve-*`` subcommands of this
+module), so neither shares a GIL with the client. A child exits when its stdin
+closes, so it goes away with the parent even if the parent is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import click
+
+from paramhub.common.codec import DEFAULT_CHUNK_BYTES
+from paramhub.common.models import ARCHS
+from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
+from paramhub.tools import socket_baseline
+
+NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 180.0  # a child imports torch and builds the model before it answers
+STOP_TIMEOUT_S = 10.0
+GOAL_RATIO = 2.0  # issue 2: push+pull at most twice the plain-socket round trip
+_READY = b"READY "
+
+
+# -- child processes -----------------------------------------------------------------
+
+
+class ServerProcess:
+    """A ``ps-bench serve-*`` child: started at once, port read with a bound, always stopped.
+
+    Args:
+        args: the hidden subcommand and its options.
+    """
+
+    def __init__(self, args: list[str]):
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "paramhub.tools.bench", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
+        """Waits for the child's ``READY <port>`` line; returns the port.
+
+        Raises:
+            click.ClickException: the child exited or stayed silent past ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise click.ClickException(f"{self.args[0]}: no port after {timeout:.0f}s")
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if readable:
+                data = os.read(fd, 256)  # os.read, not readline: it cannot block past select
+                if not data:  # stdout closed: the child is exiting
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=STOP_TIMEOUT_S)
+                    code = self.proc.returncode
+                    raise click.ClickException(f"{self.args[0]} exited before it was ready (exit code {code})")
+                line += data
+        if not line.startswith(_READY):
+            raise click.ClickException(f"{self.args[0]}: unexpected output {line!r}")
+        return int(line[len(_READY):])
+
+    def stop(self) -> None:
+        """Closes stdin (the child's signal to exit), then terminates and kills, each wait bounded."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        for escalate in (None, self.proc.terminate, self.proc.kill):
+            if escalate is not None:
+                escalate()
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.stdout.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _announce(port: int) -> None:
+    sys.stdout.buffer.write(_READY + f"{port}\n".encode())
+    sys.stdout.flush()
+
+
+def _wait_for_parent() -> None:
+    """Blocks until the parent closes our stdin (or dies)."""
+    sys.stdin.buffer.read()
+
+
+# -- the rounds ----------------------------------------------------------------------
+
+
+def run_transport(model_name: str, repeats: int, warmup: int, chunk_bytes: int) -> dict:
+    """Runs the interleaved paramhub and socket rounds; returns the figures as a dict.
+
+    Raises:
+        click.ClickException: a server did not start, or a round moved the wrong bytes.
+    """
+    import torch
+
+    from paramhub.common.config import Timeouts
+    from paramhub.common.layout import Layout
+    from paramhub.common.models import build_model
+    from paramhub.common.pb import paramhub_pb2 as pb
+    from paramhub.worker.client import PSClient
+
+    model = build_model(model_name, NUM_CLASSES)  # seed 0, as the server's: a pull returns these bytes
+    layout = Layout.from_model(model)
+    nbytes = layout.nbytes
+    # Bounds that fail a broken run in seconds rather than the defaults' minutes.
+    timeouts = Timeouts(rpc=30, transfer=120, connect=30, pull_wait=5)
+
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: clients close before their servers stop
+        paramhub_server = stack.enter_context(ServerProcess(
+            ["serve-paramhub", "--model", model_name, "--chunk-bytes", str(chunk_bytes)]))
+        socket_server = stack.enter_context(ServerProcess(["serve-socket", "--nbytes", str(nbytes)]))
+        client = stack.enter_context(PSClient(f"{HOST}:{paramhub_server.wait_ready()}", timeouts, chunk_bytes))
+        echo = stack.enter_context(socket_baseline.EchoClient((HOST, socket_server.wait_ready()), nbytes))
+
+        info = client.join(name="bench")
+        if info.layout.hash != layout.hash:
+            raise click.ClickException("the server's layout differs from the model built here")
+        send = layout.flatten(model.state_dict())
+        recv = layout.empty_regions()
+        del model
+
+        def paramhub_round() -> float:
+            start = time.perf_counter()
+            reply = client.push(pb.PUSH_KIND_GRADIENT, info.version, send, num_samples=1, loss=0.0, dry_run=True)
+            header = client.pull(recv, min_version=0)
+            elapsed = time.perf_counter() - start
+            if reply.outcome != pb.PUSH_OUTCOME_VALIDATED or header.version != info.version:
+                raise click.ClickException(
+                    f"dry-run push was not just validated: outcome {pb.PushOutcome.Name(reply.outcome)}, "
+                    f"version {info.version} -> {header.version}")
+            return elapsed
+
+        def socket_round() -> float:
+            start = time.perf_counter()
+            echo.round_trip()
+            return time.perf_counter() - start
+
+        for _ in range(warmup):
+            paramhub_round()
+            socket_round()
+        if not all(torch.equal(a, b) for a, b in zip(send, recv)):
+            raise click.ClickException("pulled model differs from the server's initial weights")
+        if not echo.check():
+            raise click.ClickException("socket echo returned different bytes")
+
+        # Alternate which path goes first, so neither always runs on a warmer cache.
+        paramhub_s: list[float] = []
+        socket_s: list[float] = []
+        for i in range(repeats):
+            if i % 2 == 0:
+                paramhub_s.append(paramhub_round())
+                socket_s.append(socket_round())
+            else:
+                socket_s.append(socket_round())
+                paramhub_s.append(paramhub_round())
+
+    paramhub_median, socket_median = statistics.median(paramhub_s), statistics.median(socket_s)
+    return {
+        "ratio": paramhub_median / socket_median,
+        "paramhub_s": paramhub_median,
+        "socket_s": socket_median,
+        "goal_ratio": GOAL_RATIO,
+        "model": model_name,
+        "bytes": nbytes,
+        "repeats": repeats,
+        "warmup": warmup,
+        "chunk_bytes": chunk_bytes,
+        "cpus": os.cpu_count(),
+        "paramhub_samples_s": paramhub_s,
+        "socket_samples_s": socket_s,
+        "pair_ratios": [p / s for p, s in zip(paramhub_s, socket_s)],
+    }
+
+
+def _format_report(r: dict) -> str:
+    moved = 2 * r["bytes"]  # each round carries the model both ways
+
+    def line(name: str, seconds: float) -> str:
+        return f"  {name:<22} median {seconds * 1e3:8.1f} ms  ({moved / seconds / 1e9:.2f} GB/s both ways)"
+
+    verdict = "meets" if r["ratio"] <= r["goal_ratio"] else "misses"
+    chunk = r["chunk_bytes"]
+    chunk_text = f"{chunk >> 20} MiB" if chunk % (1 << 20) == 0 else f"{chunk / 1024:g} KiB"
+    return "\n".join([
+        f"transport: {r['model']}, {r['bytes'] / 1e6:.1f} MB each way, {chunk_text} chunks, "
+        f"{r['repeats']} interleaved repeats after {r['warmup']} warm-up, {r['cpus']} CPUs, loopback",
+        line("paramhub push+pull", r["paramhub_s"]),
+        line("plain socket echo", r["socket_s"]),
+        f"  ratio {r['ratio']:.2f}x the socket ({verdict} the goal of at most {r['goal_ratio']:g}x; "
+        f"per-pair {min(r['pair_ratios']):.2f}-{max(r['pair_ratios']):.2f}x)",
+    ])
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+@click.group(context_settings={"show_default": True})
+def main():
+    """Benchmarks of paramhub on this machine."""
+
+
+@main.command()
+@click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Whose full state travels.")
+@click.option("--repeats", default=7, type=click.IntRange(min=1), help="Timed rounds of each path.")
+@click.option("--warmup", default=1, type=click.IntRange(min=0), help="Untimed rounds of each path first.")
+@click.option("--chunk-bytes", default=DEFAULT_CHUNK_BYTES, type=click.IntRange(4096, 32 << 20),
+              help="Payload bytes per chunk, both directions (the client accepts messages up to 64 MiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def transport(model, repeats, warmup, chunk_bytes, as_json):
+    """Push+pull of the whole model through paramhub against a plain-socket echo of the same bytes."""
+    keep_freed_memory_resident()  # before any large allocation (DESIGN.md)
+    setup_logging("WARNING")
+    result = run_transport(model, repeats, warmup, chunk_bytes)
+    click.echo(json.dumps(result) if as_json else _format_report(result))
+
+
+@main.command("serve-paramhub", hidden=True)
+@click.option("--model", required=True, type=click.Choice(ARCHS))
+@click.option("--chunk-bytes", required=True, type=int)
+def serve_paramhub(model, chunk_bytes):
+    """Child: a PSServer on a free port until stdin closes."""
+    keep_freed_memory_resident()
+    setup_logging("WARNING")
+    from paramhub.common.config import ServerConfig
+    from paramhub.ps.server import PSServer
+
+    server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=1,
+                                   chunk_bytes=chunk_bytes))
+    try:
+        _announce(server.start())
+        _wait_for_parent()
+    finally:
+        server.shutdown(grace=0)
+
+
+@main.command("serve-socket", hidden=True)
+@click.option("--nbytes", required=True, type=click.IntRange(min=1))
+def serve_socket(nbytes):
+    """Child: the plain-socket echo server on a free port until stdin closes."""
+    keep_freed_memory_resident()
+    listener = socket_baseline.listen(HOST)
+    # A daemon thread, so that the process ends when the parent goes, even mid-round.
+    threading.Thread(target=socket_baseline.serve_echo, args=(listener, nbytes), daemon=True).start()
+    _announce(listener.getsockname()[1])
+    _wait_for_parent()
+
+
+if __name__ == "__main__":
+    main()
