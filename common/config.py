@@ -79,6 +79,7 @@ class ServerConfig:
     insecure: bool = False
     chunk_bytes: int = 2 << 20
     wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pushes and pulls
+    partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
     max_threads: int = 32
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     # After the run is done, keep answering this long so workers learn it.

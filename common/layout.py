@@ -280,3 +280,38 @@ def bind_model(model: nn.Module, layout: Layout, regions: list[torch.Tensor]) ->
             current.data = view
         else:
             module._buffers[attr] = view
+
+
+def partition_names(names: list[str], sizes: list[int], index: int, count: int) -> list[str]:
+    """The tensors of partition ``index`` of ``count``: a contiguous range of ``names``, balanced by bytes.
+
+    Contiguous ranges keep every partition's share of each region a contiguous
+    slice of the whole model's region, so a worker can pull each partition
+    straight into a view of one set of buffers.
+
+    Args:
+        names: tensor names in state_dict order.
+        sizes: their sizes in bytes.
+        index, count: which partition, of how many.
+
+    Raises:
+        LayoutError: more partitions than tensors, or an index out of range.
+    """
+    if not 0 <= index < count:
+        raise LayoutError(f"partition {index} is out of range for {count} partitions")
+    if count > len(names):
+        raise LayoutError(f"{len(names)} tensors cannot fill {count} partitions")
+    total = sum(sizes)
+    bounds, start, running = [], 0, 0
+    for k in range(count - 1):
+        # cut where the running size passes (k+1)/count of the total, leaving a tensor for every later partition
+        end = start + 1
+        running += sizes[start]
+        while end < len(names) - (count - k - 1) and running + sizes[end] / 2 <= total * (k + 1) / count:
+            running += sizes[end]
+            end += 1
+        bounds.append((start, end))
+        start = end
+    bounds.append((start, len(names)))
+    lo, hi = bounds[index]
+    return names[lo:hi]

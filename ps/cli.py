@@ -28,6 +28,13 @@ def _positive(ctx, param, value):
     return value
 
 
+def _partition(ctx, param, value: str) -> tuple[int, int]:
+    k, sep, m = value.partition("/")
+    if not sep or not k.isdigit() or not m.isdigit() or not 0 <= int(k) < int(m):
+        raise click.BadParameter(f"expected k/m with 0 <= k < m, got {value!r}")
+    return int(k), int(m)
+
+
 @click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=50051, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
@@ -69,6 +76,7 @@ def _positive(ctx, param, value):
 @click.option("--eval-size", default=1024, type=click.IntRange(min=1), help="Samples of synthetic evaluation data.")
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
+@click.option("--partition", default="0/1", callback=_partition, help="k/m: hold partition k of m of the model's tensors (start m servers, one per k).")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
@@ -90,6 +98,8 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
         raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
     if options["new_head"] and not options["init_from"]:
         raise click.BadParameter("needs --init-from (a new head on what?)", param_hint="--new-head")
+    if options["partition"][1] > 1 and options["eval_data"]:
+        raise click.BadParameter("a partition holds part of the model; evaluate with ps-eval", param_hint="--eval-data")
     if bool(options["eval_data"]) != bool(options["eval_every"]):
         raise click.BadParameter("--eval-data and --eval-every go together", param_hint="--eval-every")
     security = pop_security(options)

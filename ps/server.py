@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
-from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError
+from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
 from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.security import check_listen_address
@@ -104,10 +104,16 @@ class PSServer:
         if config.init_from:
             load_initial_weights(model, config.init_from, config.new_head)
         # With a frozen backbone only the head is laid out for the wire; the rest is
-        # served once (Pull with frozen=true) and never changes.
-        trainable = head_names(model) if config.freeze_backbone else None
+        # served once (Pull with frozen=true) and never changes. A partition lays out
+        # its contiguous share of what travels.
+        state = model.state_dict()
+        trainable = head_names(model) if config.freeze_backbone else list(state)
+        frozen = [name for name in state if name not in trainable]
+        k, m = config.partition
+        if m > 1:
+            trainable = partition_names(trainable, [state[n].numel() * state[n].element_size() for n in trainable],
+                                        k, m)
         self.layout = Layout.from_model(model, trainable)
-        frozen = [name for name in model.state_dict() if trainable is not None and name not in trainable]
         self.frozen_layout = Layout.from_model(model, frozen) if frozen else None
         self.frozen_regions = self.frozen_layout.flatten(model.state_dict()) if frozen else []
         resumed = self._resume() if config.resume else None
@@ -133,7 +139,8 @@ class PSServer:
                        staleness_bound=-1 if config.mode == "async" and config.staleness is None
                        else (config.staleness or 0),
                        max_push_wait_s=config.timeouts.round or 300.0,
-                       wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]]),
+                       wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]],
+                       partition=config.partition[0], num_partitions=config.partition[1]),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,

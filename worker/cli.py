@@ -27,8 +27,16 @@ def _address(ctx, param, value: str) -> str:
     return value
 
 
+def _addresses(ctx, param, value: str) -> str:
+    """host:port, or a comma-separated list of them for a partitioned server."""
+    for address in value.split(","):
+        _address(ctx, param, address.strip())
+    return value
+
+
 @click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
-@click.option("--server", default="127.0.0.1:50051", callback=_address, help="The server's host:port.")
+@click.option("--server", default="127.0.0.1:50051", callback=_addresses,
+              help="The server's host:port; for a partitioned server every partition's, comma-separated.")
 @click.option("--shard", default=0, type=click.IntRange(min=0), help="Which data shard this worker trains.")
 @click.option("--num-shards", default=None, type=click.IntRange(min=1), help="Shards in all (default: the server's --workers).")
 @click.option("--data", default="synthetic",
@@ -70,6 +78,7 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
         torch.set_num_threads(threads)  # several workers on one machine must not oversubscribe its cores
     from paramhub.common.data import DataError
     from paramhub.worker.client import PSClient, RunFailed, ServerUnreachable
+    from paramhub.worker.partitions import PartitionedClient
     from paramhub.worker.trainer import Trainer
 
     import grpc
@@ -77,7 +86,8 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
     from paramhub.common.security import SecurityError
 
     try:
-        client = PSClient(server, config.timeouts, config.chunk_bytes, config.security)
+        clients = [PSClient(a.strip(), config.timeouts, config.chunk_bytes, config.security) for a in server.split(",")]
+        client = clients[0] if len(clients) == 1 else PartitionedClient(clients)
     except SecurityError as exc:
         raise click.ClickException(str(exc)) from None
     with client:

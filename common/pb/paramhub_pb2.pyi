@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,8 @@ class RunSpec(_message.Message):
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     MAX_PUSH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -117,7 +119,9 @@ class RunSpec(_message.Message):
     staleness_bound: int
     max_push_wait_s: float
     wire_dtype: DType
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    partition: int
+    num_partitions: int
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")

@@ -1,0 +1,99 @@
+"""Server partitions: each holds a contiguous range of the model; m = 1 and m = 3 train identically."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import fast_timeouts
+from helpers_unit import property_settings
+from paramhub.common.config import WorkerConfig
+from paramhub.common.layout import Layout, LayoutError, partition_names
+from paramhub.common.models import build_model
+from paramhub.worker.client import PSClient, RunFailed
+from paramhub.worker.partitions import PartitionedClient, combine_layouts
+from paramhub.worker.trainer import Trainer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@property_settings(60)
+@given(sizes=st.lists(st.integers(1, 1000), min_size=1, max_size=30), data=st.data())
+def test_partitions_are_contiguous_covering_and_non_empty(sizes, data):
+    names = [f"t{i}" for i in range(len(sizes))]
+    count = data.draw(st.integers(1, len(names)))
+    parts = [partition_names(names, sizes, k, count) for k in range(count)]
+    assert sum(parts, []) == names and all(parts)
+
+
+def test_partitions_balance_resnet50_by_bytes():
+    state = build_model("resnet50", 1000).state_dict()
+    names, sizes = list(state), [t.numel() * t.element_size() for t in state.values()]
+    shares = [sum(sizes[names.index(n)] for n in partition_names(names, sizes, k, 4)) for k in range(4)]
+    assert max(shares) / min(shares) < 1.2
+    with pytest.raises(LayoutError):
+        partition_names(names[:2], sizes[:2], 0, 3)
+
+
+def test_partition_slices_are_views_of_the_whole_model():
+    model = build_model("resnet18", 10)
+    state = model.state_dict()
+    names, sizes = list(state), [t.numel() * t.element_size() for t in state.values()]
+    layouts = [Layout.from_model(model, partition_names(names, sizes, k, 3)) for k in range(3)]
+    combined, slices = combine_layouts(layouts)
+    assert combined == Layout.from_model(model)
+    regions = combined.flatten(state)
+    for layout, part in zip(layouts, slices):
+        views = layout.views(part.of(regions))
+        assert all(torch.equal(views[n], state[n]) for n in views)
+        assert part.of(regions)[0].untyped_storage().data_ptr() == regions[0].untyped_storage().data_ptr()
+
+
+def train(start_server, partitions: int, steps: int = 5) -> dict[str, torch.Tensor]:
+    servers = [start_server(model="mlp", num_classes=4, workers=2, lr=0.1, momentum=0.9, max_steps=steps,
+                            partition=(k, partitions)) for k in range(partitions)]
+    config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0,
+                          timeouts=fast_timeouts())
+    errors = []
+
+    def run(shard):
+        clients = [PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in reversed(servers)]  # any order
+        client = clients[0] if len(clients) == 1 else PartitionedClient(clients)
+        try:
+            with client:
+                Trainer(dataclasses.replace(config, shard=shard), client).run()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    state = {}
+    for server in servers:
+        assert server.store.version == steps
+        state.update({k: v.clone() for k, v in server.layout.views(server.store.snapshot().regions).items()})
+    return state
+
+
+def test_one_and_three_partitions_give_identical_weights_in_sync_mode(start_server):
+    whole = train(start_server, 1)
+    split = train(start_server, 3)
+    assert set(whole) == set(split) == set(build_model("mlp", 4).state_dict())
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+
+
+def test_addresses_that_are_not_one_model_s_partitions_are_refused(start_server):
+    a = start_server(model="mlp", num_classes=4, partition=(0, 2))
+    b = start_server(model="mlp", num_classes=4, partition=(0, 2))
+    with PartitionedClient([PSClient(f"127.0.0.1:{s.port}", fast_timeouts()) for s in (a, b)]) as client:
+        with pytest.raises(RunFailed, match="partitions 0/2, 0/2"):
+            client.join("w")
