@@ -260,14 +260,16 @@ def from_wire(wire_regions: list[torch.Tensor], layout: Layout) -> list[torch.Te
 
 
 def all_finite(regions: list[torch.Tensor], region_ids: list[int]) -> bool:
-    """True when no floating element of the given regions is NaN or infinite."""
-    return all(
-        bool(torch.isfinite(regions[r]).all()) for r in region_ids if regions[r].is_floating_point()
-    )
+    """True when no floating element of the given regions is NaN or infinite.
 
-
-__all__ = [
-    "Chunk", "DEFAULT_CHUNK_BYTES", "MalformedMessage", "RegionAssembler", "LayoutError", "all_finite",
-    "decode_pull_message", "decode_push_message", "encode_chunk", "encode_message", "encoded_chunks",
-    "iter_chunks", "region_bytes",
-]
+    One min/max pass per region: if the extremes are finite, so is everything
+    between (and a NaN makes them NaN). ``isfinite(x).all()`` measured several
+    times slower on 100 MB, as it materialises full-size temporaries.
+    """
+    for r in region_ids:
+        region = regions[r]
+        if region.is_floating_point() and region.numel():
+            low, high = torch.aminmax(region)
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                return False
+    return True

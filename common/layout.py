@@ -10,6 +10,7 @@ ends compare before any bytes are trusted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -141,7 +142,7 @@ class Layout:
 
     # -- identity -----------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """Hex SHA-256 over a canonical description of regions and tensors."""
         doc = {

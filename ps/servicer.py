@@ -25,6 +25,7 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
 from paramhub.ps.registry import WorkerRegistry
+from paramhub.ps.staging import StagingPool
 
 log = logging.getLogger("paramhub.ps")
 SERVICE = "paramhub.v1.ParameterServer"
@@ -125,6 +126,7 @@ class ParameterServerServicer:
         self.wire_layout = self.layout.on_wire(wire_dtype)
         self._wire_cache = (-1, None)  # (version, regions converted for the wire): one conversion per version
         self._wire_cache_lock = threading.Lock()
+        self._staging = StagingPool(self.wire_layout.empty_regions)
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -257,7 +259,14 @@ class ParameterServerServicer:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
                 pass
             return self._response(record.last_reply)
-        staged = self.wire_layout.empty_regions()
+        staged = self._staging.acquire()
+        try:
+            return self._receive_and_submit(header, record, messages, staged)
+        finally:
+            self._staging.release(staged)  # the engine has applied, accumulated or dropped it by now
+
+    def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
+                            staged: list) -> pb.PushResponse:
         assembler = codec.RegionAssembler(self.wire_layout, staged, self._all_regions)
         try:
             for message in messages:
