@@ -28,7 +28,7 @@ import click
 from paramhub.common.codec import DEFAULT_CHUNK_BYTES
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
-from paramhub.tools import socket_baseline
+from paramhub.tools import convergence, socket_baseline
 
 NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
 HOST = "127.0.0.1"
@@ -240,6 +240,29 @@ def transport(model, repeats, warmup, chunk_bytes, as_json):
     setup_logging("WARNING")
     result = run_transport(model, repeats, warmup, chunk_bytes)
     click.echo(json.dumps(result) if as_json else _format_report(result))
+
+
+@main.command("convergence")
+@click.option("--model", default="resnet18", type=click.Choice(ARCHS), help="The model every run trains.")
+@click.option("--workers", default=4, type=click.IntRange(min=1), help="Workers per distributed run.")
+@click.option("--updates", default=40, type=click.IntRange(min=2), help="Global versions per run.")
+@click.option("--eval-every", default=5, type=click.IntRange(min=1), help="Evaluate every V versions.")
+@click.option("--batch-size", default=16, type=click.IntRange(min=1), help="Per worker; the baseline uses workers x this.")
+@click.option("--image-size", default=32, type=click.IntRange(min=8))
+@click.option("--lr", default=0.02, type=float, help="Server lr (grad), local lr (avg), baseline lr.")
+@click.option("--modes", default=",".join(convergence.MODES), help="Comma-separated runs: " + ", ".join(convergence.MODES))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def convergence_cmd(model, workers, updates, eval_every, batch_size, image_size, lr, modes, as_json):
+    """Every mode on the same data, against single-process training at the same total batch."""
+    setup_logging("WARNING")
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = set(names) - set(convergence.MODES)
+    if unknown:
+        raise click.BadParameter(f"unknown {sorted(unknown)}", param_hint="--modes")
+    settings = convergence.Settings(model=model, workers=workers, updates=updates, eval_every=eval_every,
+                                    batch_size=batch_size, image_size=image_size, lr=lr)
+    results = convergence.run(settings, names)
+    click.echo(convergence.to_json(results, settings) if as_json else convergence.format_table(results))
 
 
 @main.command("serve-paramhub", hidden=True)
