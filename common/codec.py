@@ -42,11 +42,15 @@ class MalformedMessage(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """A decoded chunk: ``data`` is a read-only view of the received bytes."""
+    """A decoded chunk: ``data`` is a read-only view of the received bytes.
+
+    ``indices`` is set only for sparse chunks (uint32 element indices, one per value).
+    """
 
     region: int
     offset: int
     data: memoryview
+    indices: memoryview | None = None
 
 
 # -- varints -------------------------------------------------------------------------
@@ -174,7 +178,8 @@ def make_decoder(message_type: type) -> Callable[[bytes], object]:
             return MalformedMessage(f"cannot parse {message_type.__name__}: {exc}")
         which = msg.WhichOneof("msg")
         if which == "chunk":
-            return Chunk(msg.chunk.region, msg.chunk.offset, memoryview(msg.chunk.data))
+            indices = memoryview(msg.chunk.indices) if msg.chunk.indices else None
+            return Chunk(msg.chunk.region, msg.chunk.offset, memoryview(msg.chunk.data), indices)
         if which == "header":
             return msg.header
         return MalformedMessage(f"{message_type.__name__} carries neither header nor chunk")
@@ -244,6 +249,55 @@ class RegionAssembler:
         if self._position < len(self._order):
             spec = self._layout.regions[self._order[self._position]]
             raise MalformedMessage(f"stream ended with region {spec.name} at {self._filled} of {spec.nbytes} bytes")
+
+
+# -- sparse updates (top-k) ------------------------------------------------------------
+
+SPARSE_INDEX_DTYPE = torch.int32  # sent as little-endian uint32: regions stay below 2**31 elements
+
+
+def encoded_sparse_chunks(region: int, indices: torch.Tensor, values: torch.Tensor,
+                          chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Push messages carrying (indices, values) of one region, split to stay under ``chunk_bytes``."""
+    per_chunk = max(1, chunk_bytes // (4 + values.element_size()))
+    for start in range(0, len(indices), per_chunk):
+        idx = indices[start : start + per_chunk].to(SPARSE_INDEX_DTYPE).numpy().tobytes()
+        val = region_bytes(values[start : start + per_chunk].contiguous()).tobytes()
+        yield pb.PushMessage(chunk=pb.TensorChunk(region=region, data=val, indices=idx)).SerializeToString()
+
+
+class SparseAssembler:
+    """Scatters sparse chunks into zeroed regions, checking indices and sizes.
+
+    Indices must be strictly increasing within a region (so no element is set
+    twice) and inside it; each chunk needs as many values as indices.
+    """
+
+    def __init__(self, layout: Layout, regions: list[torch.Tensor], region_ids: list[int]):
+        self._layout = layout
+        self._regions = regions
+        self._allowed = set(region_ids)
+        self._last: dict[int, int] = {}
+        for r in region_ids:
+            regions[r].zero_()
+
+    def add(self, chunk: Chunk) -> None:
+        """Writes one sparse chunk's values at its indices."""
+        r = chunk.region
+        if r not in self._allowed:
+            raise MalformedMessage(f"sparse chunk for region {r}, which does not take sparse updates")
+        spec = self._layout.regions[r]
+        elem = dtype_size(spec.dtype)
+        if len(chunk.indices) % 4 or len(chunk.data) != len(chunk.indices) // 4 * elem or not chunk.indices:
+            raise MalformedMessage(f"region {spec.name}: sparse chunk needs one {spec.dtype} value per uint32 index")
+        indices = torch.frombuffer(bytearray(chunk.indices), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+        if int(indices[0]) <= self._last.get(r, -1) or (len(indices) > 1 and not bool((indices.diff() > 0).all())):
+            raise MalformedMessage(f"region {spec.name}: sparse indices must be strictly increasing")
+        if int(indices[-1]) >= spec.numel:
+            raise MalformedMessage(f"region {spec.name}: sparse index {int(indices[-1])} beyond {spec.numel}")
+        values = torch.frombuffer(bytearray(chunk.data), dtype=spec.dtype)
+        self._regions[r][indices] = values
+        self._last[r] = int(indices[-1])
 
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -80,7 +80,11 @@ class ServerConfig:
     chunk_bytes: int = 2 << 20
     wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pushes and pulls
     partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
+    topk_ratio: float = 0.0  # workers push only this fraction of each update (top-k, error feedback); 0: dense
     max_threads: int = 32
+    # read-only HTTP endpoints on host: Prometheus /metrics and the status page (None: off; 0: a free port)
+    metrics_port: int | None = None
+    http_port: int | None = None
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     # After the run is done, keep answering this long so workers learn it.
     done_grace_s: float = 5.0

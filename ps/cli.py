@@ -1,7 +1,9 @@
 """ps-server: run a parameter server.
 
 Every option can also come from an environment variable named PARAMHUB_ plus the
-option in upper case (``--lr`` → ``PARAMHUB_LR``); a flag on the command line wins.
+option in upper case (``--lr`` → ``PARAMHUB_LR``), or from the ``[server]`` (and
+``[common]``) table of a ``--config`` TOML file: a flag wins over a variable, a variable
+over the file, the file over the default.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import click
 
 from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
 from paramhub.common.models import ARCHS
-from paramhub.common.cliutil import pop_security, security_options
+from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.ps")
@@ -36,6 +38,7 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 
 
 @click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
+@config_file_option("server")
 @click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=50051, type=click.IntRange(0, 65535), help="Port; 0 picks a free one.")
 @click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Architecture (torchvision).")
@@ -77,6 +80,7 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--partition", default="0/1", callback=_partition, help="k/m: hold partition k of m of the model's tensors (start m servers, one per k).")
+@click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),

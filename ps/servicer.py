@@ -20,10 +20,11 @@ import grpc
 import torch
 
 from paramhub.common import codec
-from paramhub.common.layout import Layout, LayoutError
+from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
+from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.staging import StagingPool
 
@@ -118,11 +119,13 @@ class ParameterServerServicer:
         self.epoch = uuid.uuid4().hex[:12]
         self.pushes_rejected = 0
         self._rejected_lock = threading.Lock()
+        self.metrics = MetricsHook()  # the server installs ServerMetrics when metrics are on
         self.accepting = True
         self._layout_proto = self.layout.to_proto()
         self._frozen = frozen
         self._frozen_proto = frozen[0].to_proto() if frozen else None
         self._all_regions = list(range(len(self.layout.regions)))
+        self._param_regions = self.layout.region_indices(PARAM)
         self.wire_layout = self.layout.on_wire(wire_dtype)
         self._wire_cache = (-1, None)  # (version, regions converted for the wire): one conversion per version
         self._wire_cache_lock = threading.Lock()
@@ -200,6 +203,7 @@ class ParameterServerServicer:
         self.engine.on_pull(request.worker_id, snap.version)
         yield from codec.encoded_chunks(self.wire_layout, self._wire_regions(snap), self._all_regions,
                                         self.chunk_bytes)
+        self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
 
     def _wire_regions(self, snap) -> list:
         """The snapshot's regions in the wire dtype, converted once per version for all pullers."""
@@ -220,6 +224,7 @@ class ParameterServerServicer:
         yield pb.PullMessage(header=pb.PullHeader(
             version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch))
         yield from codec.encoded_chunks(layout, regions, None, self.chunk_bytes)
+        self.metrics.bytes_sent(layout.nbytes)
 
     @_abort_on_error
     def Push(self, messages: Iterator[object], context) -> pb.PushResponse:
@@ -229,6 +234,8 @@ class ParameterServerServicer:
         except (PSError, codec.MalformedMessage, LayoutError) as exc:
             with self._rejected_lock:
                 self.pushes_rejected += 1
+            code = exc.code if isinstance(exc, PSError) else grpc.StatusCode.INVALID_ARGUMENT  # as _abort_on_error
+            self.metrics.push_rejected(code.name)
             log.warning("rejected push: %s", exc)
             raise
         finally:
@@ -267,14 +274,19 @@ class ParameterServerServicer:
 
     def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
                             staged: list) -> pb.PushResponse:
-        assembler = codec.RegionAssembler(self.wire_layout, staged, self._all_regions)
+        # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
+        sparse_ids = self._param_regions if header.sparse else []
+        sparse = codec.SparseAssembler(self.wire_layout, staged, sparse_ids)
+        assembler = codec.RegionAssembler(self.wire_layout, staged,
+                                          [r for r in self._all_regions if r not in sparse_ids])
         try:
             for message in messages:
                 if isinstance(message, Exception):
                     raise InvalidArgument(str(message))
                 if not isinstance(message, codec.Chunk):
                     raise InvalidArgument("only chunks may follow the PushHeader")
-                assembler.add(message)
+                (sparse if message.indices is not None else assembler).add(message)
+                self.metrics.bytes_received(len(message.data))
         except grpc.RpcError:
             # The client went away (crash, cancel, deadline) in the middle of the stream.
             log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, record.name)

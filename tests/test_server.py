@@ -315,3 +315,36 @@ def test_half_precision_wire_halves_the_bytes_and_rounds_only_in_transit(start_s
     client.push(GRAD, 0, [grad], num_samples=1, loss=0.0)
     expected = w0 - grad.to(dtype).float()  # the server keeps fp32 weights; only the gradient was rounded
     torch.testing.assert_close(server.store.snapshot().regions[0], expected, rtol=0, atol=0)
+
+
+def test_a_sparse_push_applies_exactly_its_values_and_bad_indices_are_refused(start_server, connect):
+    server = start_server(lr=1.0)
+    client = connect(server.port)
+    info = client.join("w")
+    w0 = server.store.snapshot().regions[0].clone()
+    indices, values = torch.tensor([0, 5, 17]), torch.tensor([1.0, -2.0, 0.5])
+    client.push(GRAD, 0, [], num_samples=1, loss=0.0, sparse={0: (indices, values)})
+    expected = w0.clone()
+    expected[indices] -= values
+    torch.testing.assert_close(server.store.snapshot().regions[0], expected, rtol=0, atol=0)
+    numel = info.layout.regions[0].numel
+    for bad in ([3, 3], [5, 2], [numel]):
+        messages = [header(client, 9, base_version=1, sparse=True)] + list(codec.encoded_sparse_chunks(
+            0, torch.tensor(bad), torch.ones(len(bad))))
+        with pytest.raises(grpc.RpcError) as err:
+            raw_push(server.port, messages)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.store.version == 1
+
+
+def test_topk_error_feedback_sends_everything_eventually():
+    from paramhub.worker.compression import TopKErrorFeedback
+
+    update = {0: torch.tensor([4.0, -1.0, 0.5, 2.0])}
+    topk = TopKErrorFeedback(0.5, update)
+    sent = torch.zeros(4)
+    for _ in range(3):
+        for r, (indices, values) in topk.compress({0: update[0] if not sent.any() else torch.zeros(4)}).items():
+            sent[indices] += values
+    torch.testing.assert_close(sent + topk.residual[0], update[0])
+    assert torch.count_nonzero(topk.residual[0]) == 0  # three pushes of 2 of 4 elements emptied it

@@ -206,21 +206,29 @@ class PSClient:
                 return header
 
     def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
-             dry_run: bool = False) -> pb.PushResponse:
-        """Sends one update; retried on UNAVAILABLE with the same sequence number."""
+             dry_run: bool = False, sparse: dict | None = None) -> pb.PushResponse:
+        """Sends one update; retried on UNAVAILABLE with the same sequence number.
+
+        With ``sparse`` ({PARAM region: (indices, values)}, from top-k), those regions
+        travel as index/value pairs and ``regions`` supplies only the others.
+        """
         info = self._joined()
         self._sequence += 1
         header = pb.PushHeader(
             worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
             base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
-            loss=loss, dry_run=dry_run,
+            loss=loss, dry_run=dry_run, sparse=bool(sparse),
         )
         chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
 
         def messages() -> Iterator[object]:
             yield pb.PushMessage(header=header)
             wire = info.wire_layout
-            chunks = codec.encoded_chunks(wire, codec.to_wire(regions, wire), None, chunk_bytes)
+            dense = list(range(len(wire.regions)))
+            for r, (indices, values) in (sparse or {}).items():
+                yield from codec.encoded_sparse_chunks(r, indices, values.to(wire.regions[r].dtype), chunk_bytes)
+                dense.remove(r)
+            chunks = codec.encoded_chunks(wire, codec.to_wire(regions, wire), dense, chunk_bytes)
             if faults.die_mid_push(header.sequence):
                 chunks = list(chunks)
                 yield from chunks[: len(chunks) // 2 + 1]

@@ -125,8 +125,10 @@ class PartitionedClient:
         return self.clients[0].pull_frozen(regions)
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, sparse: dict | None = None) -> pb.PushResponse:
         """Pushes each partition its slices, based on the version it last sent us."""
+        if sparse:
+            raise RunFailed("top-k sparsification over several partitions is not supported yet")
         replies = self._each(lambda i, c: c.push(kind, self._pulled[i], self._slices[i].of(regions), num_samples,
                                                  loss, dry_run))
         self._next = [r.next_version for r in replies]

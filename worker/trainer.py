@@ -7,14 +7,18 @@ gradients and BatchNorm statistics } until the server says the run is done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import sys
 import threading
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from paramhub.common.config import WorkerConfig
 from paramhub.common.data import training_shard
@@ -22,6 +26,7 @@ from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
+from paramhub.worker.compression import TopKErrorFeedback
 
 log = logging.getLogger("paramhub.worker")
 
@@ -82,6 +87,41 @@ class Heartbeat:
                 self._client.heartbeat()
             except Exception as exc:  # the training loop sees real failures itself
                 log.debug("heartbeat failed: %s", exc)
+
+
+class Progress:
+    """A tqdm bar on a terminal: samples trained (its rate is samples/s), with the step, version and loss.
+
+    Off unless stderr is a terminal: in logs, containers and tests the ``--log-every``
+    lines say the same without a bar's carriage returns.
+
+    Args:
+        desc: the bar's label (the worker's log prefix).
+        enabled: force the bar on or off (default: whether stderr is a terminal).
+    """
+
+    def __init__(self, desc: str, enabled: bool | None = None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._desc = desc
+        self._bar = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            # Log lines go through tqdm.write, so they print above the bar instead of through it.
+            self._stack.enter_context(logging_redirect_tqdm())
+            self._bar = self._stack.enter_context(
+                tqdm(desc=self._desc, unit=" samples", unit_scale=True, dynamic_ncols=True, file=sys.stderr))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def update(self, samples: int, step: int, version: int, loss: float) -> None:
+        """Counts one push of ``samples`` samples."""
+        if self._bar is not None:
+            self._bar.set_postfix(step=step, version=version, loss=f"{loss:.4f}", refresh=False)
+            self._bar.update(samples)
 
 
 class GradientStep:
@@ -227,6 +267,7 @@ class Trainer:
             "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
 
+        topk = TopKErrorFeedback(info.run.topk_ratio, update) if info.run.topk_ratio else None
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
                               synthetic_size=cfg.synthetic_size)
@@ -240,7 +281,8 @@ class Trainer:
                  info.run.update, device)
 
         version = info.version
-        with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat):
+        with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat), \
+                Progress(prefix) as progress:
             while True:
                 try:
                     header = self.client.wait_and_pull(wire_regions, version)
@@ -261,8 +303,9 @@ class Trainer:
                     if on_cuda:
                         for r in buffer_regions:
                             wire_regions[r].copy_(model_regions[r])
+                    sparse = topk.compress(update) if topk else None
                     reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
-                                             loss=loss)
+                                             loss=loss, sparse=sparse)
                 except ServerRestarted as exc:
                     # The work in hand was based on a model the new server may not have: drop
                     # it, join again (a new incarnation), and go on from the server's version.
@@ -278,6 +321,7 @@ class Trainer:
                     summary.pushes_accepted += 1
                 else:
                     summary.pushes_dropped += 1
+                progress.update(num_samples, summary.steps, reply.version, loss)
                 if cfg.log_every and summary.steps % cfg.log_every == 0:
                     log.info("%s step %d: version %d, loss %.4f", prefix, summary.steps, header.version, loss)
                 summary.final_version = reply.version

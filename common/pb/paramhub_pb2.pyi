@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions", "topk_ratio")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class RunSpec(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -121,7 +122,8 @@ class RunSpec(_message.Message):
     wire_dtype: DType
     partition: int
     num_partitions: int
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
+    topk_ratio: float
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
@@ -180,14 +182,16 @@ class PullHeader(_message.Message):
     def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("region", "offset", "data")
+    __slots__ = ("region", "offset", "data", "indices")
     REGION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
     region: int
     offset: int
     data: bytes
-    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    indices: bytes
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., indices: _Optional[bytes] = ...) -> None: ...
 
 class PullMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -198,7 +202,7 @@ class PullMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run")
+    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,7 @@ class PushHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     sequence: int
@@ -217,7 +222,8 @@ class PushHeader(_message.Message):
     num_samples: int
     loss: float
     dry_run: bool
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    sparse: bool
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")
