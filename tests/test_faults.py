@@ -57,7 +57,9 @@ def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(tmp_path):
         server_log = cluster.read_log("server")
     assert codes == {"server": 0, "worker0": 0, "worker1": 0}, server_log
     doomed_id = int(re.search(r"worker shard-2 joined \(id (\d+)", server_log).group(1))
-    assert f"shard-2 (id {doomed_id}) lost" in server_log and "push 4 of shard-2 abandoned midway" in server_log
+    # Whether the server saw part of the 4th push depends on how much the dying process flushed;
+    # either way it must not be applied (the ledger below), and the lease must expire.
+    assert f"shard-2 (id {doomed_id}) lost" in server_log
     ledger = ledger_of(tmp_path / "ckpt")
     assert sorted({e.version for e in ledger.entries}) == list(range(1, 13))
     assert ledger.applied_per_worker[doomed_id] == 3  # its first three pushes, never the cut fourth
