@@ -84,9 +84,13 @@ class LocalCluster:
         self.workers.append(proc)
         return proc
 
-    def start_evaluator(self, *args: str) -> subprocess.Popen:
-        """Starts ps-eval against the server (waited for like a worker, logged as ``eval``)."""
-        proc = self._spawn("eval", [*_console("ps-eval"), "--server", self.address, *args])
+    def start_evaluator(self, *args: str, server: str | None = None,
+                        wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Starts ps-eval against the server (waited for like a worker, logged as ``eval``).
+
+        ``server`` and ``wrapper`` as for ``start_worker``.
+        """
+        proc = self._spawn("eval", [*wrapper, *_console("ps-eval"), "--server", server or self.address, *args])
         self.evaluator = proc
         return proc
 

@@ -21,12 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
                                         write_atomically)
-from paramhub.common.cliutil import pop_security, security_options
+from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import secure_channel
 
 EXPORT_SUFFIXES = (".pt", ".safetensors")
+# Each subcommand reads PARAMHUB_<FLAG> (PARAMHUB_TOKEN, ...), like every console script; left to
+# itself click would prefix a subcommand's variables with its name (PARAMHUB_STATUS_TOKEN).
+ENV = {"auto_envvar_prefix": "PARAMHUB"}
 
 
 @click.group(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
@@ -100,7 +103,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
     return source, meta
 
 
-@main.command()
+@main.command(context_settings=ENV)
+@config_file_option("ctl")
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(),
               help="A checkpoint file (ckpt-v*.safetensors, best.safetensors) or a checkpoint directory (its newest).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.pt or model.safetensors.")
@@ -138,7 +142,8 @@ def health_status(address: str, service: str = "", timeout: float = 5.0, securit
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-@main.command()
+@main.command(context_settings=ENV)
+@config_file_option("ctl")
 @click.argument("address")
 @click.option("--service", default="", help="The service to ask about ('' is the whole server).")
 @click.option("--timeout", default=5.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
@@ -171,9 +176,11 @@ def status_table(status: pb.StatusResponse) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@main.command(context_settings=ENV)
+@config_file_option("ctl")
 @click.argument("address")
-@click.option("--json", "as_json", is_flag=True, help="Print the Status reply as JSON.")
+@click.option("--json", "as_json", is_flag=True, envvar="PARAMHUB_JSON", allow_from_autoenv=False,
+              help="Print the Status reply as JSON.")
 @click.option("--timeout", default=10.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
 @security_options
 def status(address, as_json, timeout, **security):

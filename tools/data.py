@@ -14,7 +14,13 @@ import pathlib
 
 import click
 
+from paramhub.common.cliutil import config_file_option
 from paramhub.common.shards import DataError, split_dataset, verify_split
+
+# Each subcommand reads PARAMHUB_<FLAG>, like every console script. The prefix is set on the
+# subcommands: on the group, click would prefix a subcommand's variables with its name too
+# (PARAMHUB_SPLIT_SEED).
+ENV = {"auto_envvar_prefix": "PARAMHUB"}
 
 
 @click.group(context_settings={"show_default": True})
@@ -22,10 +28,13 @@ def main():
     """Prepare data for paramhub: split a dataset into per-worker shards, check a split."""
 
 
-@main.command()
-@click.option("--input", "input_dir", required=True, type=click.Path(path_type=pathlib.Path),
+@main.command(context_settings=ENV)
+@config_file_option("data")
+@click.option("--input", "input_dir", required=True, type=click.Path(path_type=pathlib.Path), envvar="PARAMHUB_INPUT",
+              allow_from_autoenv=False,
               help="An ImageFolder tree (one sub-directory of images per class) or CIFAR-10's cifar-10-batches-py.")
-@click.option("--shards", "num_shards", required=True, type=click.IntRange(min=1),
+@click.option("--shards", "num_shards", required=True, type=click.IntRange(min=1), envvar="PARAMHUB_SHARDS",
+              allow_from_autoenv=False,
               help="How many shards (one per worker).")
 @click.option("--out", required=True, type=click.Path(path_type=pathlib.Path),
               help="Directory to create: out/shard-00000 ..., out/val, out/manifest.json.")

@@ -1,20 +1,24 @@
 """ps-worker: train one data shard against a parameter server.
 
 Every option can also come from an environment variable named PARAMHUB_ plus the
-option in upper case (``--server`` → ``PARAMHUB_SERVER``); a flag wins.
+option in upper case (``--server`` → ``PARAMHUB_SERVER``), or from the ``[worker]`` (and
+``[common]``) table of a ``--config`` TOML file. --shard, --num-shards and --server also
+follow the variables that torchrun and Kubernetes Indexed Jobs set (``LauncherOption``).
+Precedence: flag > PARAMHUB_* > launcher variables > config file > default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 
 import click
 
 from paramhub.common.config import Timeouts, WorkerConfig
 from paramhub.common.data import AUGMENTS
-from paramhub.common.cliutil import pop_security, security_options
+from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.worker")
@@ -34,11 +38,59 @@ def _addresses(ctx, param, value: str) -> str:
     return value
 
 
+
+class LauncherOption(click.Option):
+    """An option that falls back on a variable a launcher sets when its PARAMHUB_* variable is unset.
+
+    torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in every process it starts,
+    and a Kubernetes Indexed Job sets JOB_COMPLETION_INDEX in every pod, so a worker started
+    by either needs no per-process flags. Click asks ``resolve_envvar_value`` after the
+    command line and before the config file (``default_map``), which puts these variables
+    exactly there: flag > PARAMHUB_* > launcher variables > config file > default.
+
+    Args:
+        launcher: reads the environment, returns the option's value as a string or None.
+    """
+
+    def __init__(self, *args, launcher, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.launcher = launcher
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        return value if value is not None else self.launcher(os.environ)
+
+
+def _launcher_shard(env) -> str | None:
+    """torchrun's RANK, else an Indexed Job's JOB_COMPLETION_INDEX (RANK is the finer: one per process)."""
+    return env.get("RANK") or env.get("JOB_COMPLETION_INDEX") or None
+
+
+def _launcher_num_shards(env) -> str | None:
+    return env.get("WORLD_SIZE") or None
+
+
+def _launcher_server(env) -> str | None:
+    """MASTER_ADDR:MASTER_PORT (the port defaults to ours, 50051); an IPv6 address gets brackets."""
+    host = env.get("MASTER_ADDR")
+    if not host:
+        return None
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{env.get('MASTER_PORT') or 50051}"
+
+
 @click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
-@click.option("--server", default="127.0.0.1:50051", callback=_addresses,
-              help="The server's host:port; for a partitioned server every partition's, comma-separated.")
-@click.option("--shard", default=0, type=click.IntRange(min=0), help="Which data shard this worker trains.")
-@click.option("--num-shards", default=None, type=click.IntRange(min=1), help="Shards in all (default: the server's --workers).")
+@config_file_option("worker")
+@click.option("--server", default="127.0.0.1:50051", callback=_addresses, cls=LauncherOption, launcher=_launcher_server,
+              help="The server's host:port; for a partitioned server every partition's, comma-separated. "
+                   "Else from MASTER_ADDR:MASTER_PORT (torchrun).")
+@click.option("--shard", default=0, type=click.IntRange(min=0), cls=LauncherOption, launcher=_launcher_shard,
+              help="Which data shard this worker trains. Else from RANK (torchrun) or JOB_COMPLETION_INDEX "
+                   "(Kubernetes Indexed Job).")
+@click.option("--num-shards", default=None, type=click.IntRange(min=1), cls=LauncherOption,
+              launcher=_launcher_num_shards,
+              help="Shards in all (default: the server's --workers). Else from WORLD_SIZE (torchrun).")
 @click.option("--data", default="synthetic",
               help="'synthetic'; an ImageFolder directory (split by --shard); one shard written by ps-data split; "
                    "or the directory holding all its shards (this worker takes shard --shard).")
@@ -60,7 +112,17 @@ def _addresses(ctx, param, value: str) -> str:
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
          threads, loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, **security):
-    """Train one data shard: pull the global model, compute, push, until the server says done."""
+    """Train one data shard: pull the global model, compute, push, until the server says done.
+
+    \b
+    Each option's value comes from the first of:
+      1. the flag on the command line;
+      2. PARAMHUB_<FLAG> (--num-shards: PARAMHUB_NUM_SHARDS);
+      3. for --shard, --num-shards, --server: the launcher's variables RANK or
+         JOB_COMPLETION_INDEX, WORLD_SIZE, MASTER_ADDR:MASTER_PORT;
+      4. the [worker] table, then the [common] table, of the --config file;
+      5. the default.
+    """
     setup_logging(log_level)
     keep_freed_memory_resident()
     if num_shards is not None and shard >= num_shards:

@@ -1,12 +1,15 @@
 """ps-eval: evaluate the global model of a running parameter server.
 
 Every option can also come from an environment variable named PARAMHUB_ plus the
-option in upper case (``--every`` → ``PARAMHUB_EVERY``); a flag wins.
+option in upper case (``--every`` → ``PARAMHUB_EVERY``), or from the ``[eval]`` (and
+``[common]``) table of a ``--config`` TOML file: a flag wins over a variable, a variable
+over the file, the file over the default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import signal
 import sys
@@ -15,7 +18,7 @@ import threading
 import click
 
 from paramhub.common.config import Timeouts
-from paramhub.common.cliutil import pop_security, security_options
+from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import setup_logging
 from paramhub.worker.cli import _address
 
@@ -23,7 +26,15 @@ log = logging.getLogger("paramhub.worker")
 DEFAULT_EVERY_S = 60.0
 
 
+def _tensorboard(ctx, param, value: str | None) -> str | None:
+    """Fails at once, before any connection, when the tensorboard package is missing."""
+    if value is not None and importlib.util.find_spec("tensorboard") is None:
+        raise click.BadParameter("needs the tensorboard package: pip install tensorboard")
+    return value
+
+
 @click.command(context_settings={"auto_envvar_prefix": "PARAMHUB", "show_default": True})
+@config_file_option("eval")
 @click.option("--server", default="127.0.0.1:50051", callback=_address, help="The server's host:port.")
 @click.option("--data", required=True, help="An ImageFolder directory of held-out images, or 'synthetic'.")
 @click.option("--image-size", default=224, type=click.IntRange(min=8), help="Resize + center crop to this size.")
@@ -33,6 +44,8 @@ DEFAULT_EVERY_S = 60.0
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Append one JSON line per evaluation here.")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
               help="Keep the best model so far here (best.safetensors, best.json).")
+@click.option("--tensorboard", default=None, type=click.Path(file_okay=False), callback=_tensorboard, metavar="DIR",
+              help="Write top1/top5/loss by version as TensorBoard scalars here (needs `pip install tensorboard`).")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--eval-size", default=1024, type=click.IntRange(min=1), help="Samples in the synthetic set.")
@@ -44,7 +57,7 @@ DEFAULT_EVERY_S = 60.0
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(server, data, image_size, every, once, out, checkpoint_dir, batch_size, device, eval_size, seed,
+def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard, batch_size, device, eval_size, seed,
          loader_workers, name, connect_timeout, rpc_timeout, log_level, **security):
     """Evaluate the global model (top-1, top-5, loss) as an observer; keep the best one.
 
@@ -64,7 +77,7 @@ def main(server, data, image_size, every, once, out, checkpoint_dir, batch_size,
         server=server, data=data, image_size=image_size,
         every=None if once else (DEFAULT_EVERY_S if every is None else every), out=out,
         checkpoint_dir=checkpoint_dir, batch_size=batch_size, device=device, eval_size=eval_size, seed=seed,
-        loader_workers=loader_workers, name=name,
+        loader_workers=loader_workers, name=name, tensorboard=tensorboard,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
     )
     stop = threading.Event()

@@ -53,6 +53,7 @@ class EvalConfig:
     loader_workers: int = 0
     name: str = ""
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+    tensorboard: str | None = None  # a directory for TensorBoard scalars (needs the tensorboard package)
 
 
 class Evaluator:
@@ -69,6 +70,7 @@ class Evaluator:
         self.client = client
         self.stop = stop or threading.Event()
         self.records: list[dict] = []
+        self.board = None  # a SummaryWriter while run() runs with config.tensorboard
 
     def _join(self) -> JoinInfo:
         return self.client.join(name=self.config.name, observer=True)
@@ -104,6 +106,10 @@ class Evaluator:
         log.info("[eval] joined %s as observer %d: %s, %d classes, %d samples from %s, device %s",
                  cfg.server, info.worker_id, info.model.arch, info.model.num_classes, len(data), cfg.data, device)
 
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # only here: it needs the tensorboard package
+
+            self.board = SummaryWriter(cfg.tensorboard)
         final = FinalVersion(self.client, layout)
         if cfg.every is not None:
             final.start()
@@ -140,6 +146,8 @@ class Evaluator:
                     break
         finally:
             final.stop()
+            if self.board is not None:
+                self.board.close()
         self.client.leave()
         return self.records
 
@@ -171,6 +179,10 @@ class Evaluator:
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a") as f:
                 f.write(line + "\n")
+        if self.board is not None:
+            for key in ("top1", "top5", "loss"):
+                self.board.add_scalar(f"eval/{key}", record[key], global_step=record["version"])
+            self.board.flush()  # evaluations are rare: show each one at once rather than every 2 minutes
         self.records.append(record)
         log.info("[eval] version %d: top1 %.4f, top5 %.4f, loss %.4f on %d samples", record["version"],
                  record["top1"], record["top5"], record["loss"], record["samples"])

@@ -120,7 +120,8 @@ class Progress:
     def update(self, samples: int, step: int, version: int, loss: float) -> None:
         """Counts one push of ``samples`` samples."""
         if self._bar is not None:
-            self._bar.set_postfix(step=step, version=version, loss=f"{loss:.4f}", refresh=False)
+            # A dict keeps this order; keyword arguments would come out sorted.
+            self._bar.set_postfix({"step": step, "version": version, "loss": f"{loss:.4f}"}, refresh=False)
             self._bar.update(samples)
 
 
