@@ -38,7 +38,6 @@ def _addresses(ctx, param, value: str) -> str:
     return value
 
 
-
 class LauncherOption(click.Option):
     """An option that falls back on a variable a launcher sets when its PARAMHUB_* variable is unset.
 
