@@ -19,7 +19,7 @@ import click
 from paramhub.common.config import Timeouts, WorkerConfig
 from paramhub.common.data import AUGMENTS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
+from paramhub.common.runtime import LOG_FORMATS, keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.worker")
 
@@ -102,6 +102,7 @@ def _launcher_server(env) -> str | None:
 @click.option("--seed", default=0, type=int, help="Data seed: the same on every worker.")
 @click.option("--synthetic-size", default=4096, type=click.IntRange(min=1), help="Samples in the whole synthetic dataset.")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads (0: torch's default, all cores; use cores / workers when several share a machine).")
+@click.option("--overlap/--no-overlap", default=True, help="Async mode: push and prefetch the next pull while the next step computes.")
 @click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--name", default="", help="Stable worker name (default shard-<i>).")
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")
@@ -109,8 +110,9 @@ def _launcher_server(env) -> str | None:
 @click.option("--log-every", default=10, type=click.IntRange(min=0), help="Log the loss every N steps (0: never).")
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
 def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
-         threads, loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, **security):
+         threads, overlap, loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, log_format, **security):
     """Train one data shard: pull the global model, compute, push, until the server says done.
 
     \b
@@ -122,14 +124,14 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
       4. the [worker] table, then the [common] table, of the --config file;
       5. the default.
     """
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     keep_freed_memory_resident()
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards})", param_hint="--shard")
     config = WorkerConfig(
         server=server, shard=shard, num_shards=num_shards, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size,
         augment=augment, device=device, seed=seed, synthetic_size=synthetic_size, loader_workers=loader_workers,
-        name=name, log_every=log_every,
+        name=name, log_every=log_every, overlap=overlap,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
         security=pop_security(security),
     )

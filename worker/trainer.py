@@ -27,6 +27,7 @@ from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
 from paramhub.worker.compression import TopKErrorFeedback
+from paramhub.worker.overlap import OverlappedClient
 
 log = logging.getLogger("paramhub.worker")
 
@@ -148,7 +149,9 @@ class GradientStep:
         for slot in self.slots:
             grad = self.params[slot.name].grad
             target = update[slot.region][slot.offset : slot.offset + slot.numel]
-            target.copy_(grad.reshape(-1)) if grad is not None else target.zero_()
+            target.copy_(grad.reshape(-1), non_blocking=True) if grad is not None else target.zero_()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the asynchronous device-to-host copies must land before the push
         return len(labels), float(loss.detach())
 
 
@@ -255,13 +258,17 @@ class Trainer:
         on_cuda = device.type == "cuda"
         model.to(device)
         frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
+        if info.run.mode == "async" and cfg.overlap:
+            self.client = OverlappedClient(self.client, layout)  # transfers run while the next step computes
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)
         model_regions = layout.empty_regions(device) if on_cuda else wire_regions
         bind_model(model, layout, model_regions)
         buffer_regions = layout.region_indices(BUFFER)
-        update = {r: torch.zeros_like(wire_regions[r]) for r in layout.region_indices(PARAM)}
+        # pinned on CUDA, so gradients come off the device asynchronously
+        update = {r: torch.zeros(wire_regions[r].shape, dtype=wire_regions[r].dtype, pin_memory=on_cuda)
+                  for r in layout.region_indices(PARAM)}
         push_regions = [update.get(r, wire_regions[r]) for r in range(len(layout.regions))]
         work = {
             "grad": lambda: GradientStep(model, layout, frozen_modules),
