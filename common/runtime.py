@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime
+import json
 import logging
 import os
 import sys
@@ -12,13 +14,43 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Plain timestamped logs on stderr; messages carry their own ``[role id/step]`` prefix."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a structured field.
+_STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+    then the fields passed with ``extra=`` (``event``, ``worker``, ``reason``, ...) and ``exception``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({key: value for key, value in record.__dict__.items()
+                     if key not in _STANDARD_ATTRIBUTES and not key.startswith("_")})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)  # a field JSON cannot hold is written as its str()
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Logs on stderr: plain timestamped lines (``text``) or JSON lines (``json``).
+
+    Messages carry their own ``[role id/step]`` prefix; the events that matter
+    (round closed, push dropped, worker lost, run complete) also carry structured
+    fields (``extra={"event": ...}``), which the JSON lines show as keys.
+    """
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def keep_freed_memory_resident() -> bool:

@@ -19,7 +19,7 @@ import click
 from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
+from paramhub.common.runtime import LOG_FORMATS, keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.ps")
 
@@ -85,12 +85,17 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
+@click.option("--metrics-port", default=0, type=click.IntRange(0, 65535),
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (read-only, no auth; 0: off).")
+@click.option("--http-port", default=0, type=click.IntRange(0, 65535),
+              help="Serve the live status page and /api/status on this port (read-only, no auth; 0: off).")
 @security_options
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **options):
+@click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
+def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wait, **options):
     """Run a parameter server that holds the global model and applies the workers' updates."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     keep_freed_memory_resident()
     if options["backup_workers"] >= options["workers"]:
         raise click.BadParameter(f"must be fewer than --workers ({options['workers']})", param_hint="--backup-workers")
@@ -106,6 +111,8 @@ def main(log_level, port_file, lease_timeout, round_timeout, pull_wait, **option
         raise click.BadParameter("a partition holds part of the model; evaluate with ps-eval", param_hint="--eval-data")
     if bool(options["eval_data"]) != bool(options["eval_every"]):
         raise click.BadParameter("--eval-data and --eval-every go together", param_hint="--eval-every")
+    for key in ("metrics_port", "http_port"):
+        options[key] = options[key] or None  # 0 is off here; in ServerConfig 0 picks a free port (tests)
     security = pop_security(options)
     config = ServerConfig(
         **options,

@@ -26,6 +26,7 @@ from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.errors import FailedPrecondition, Unavailable
 from paramhub.ps.ledger import Ledger, LedgerEntry
+from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
 from paramhub.ps.rules import UpdateRule, WeightedMean
 from paramhub.ps.store import ParameterStore
@@ -55,6 +56,7 @@ class PushResult:
     version: int
     next_version: int
     done: bool
+    reason: str = ""  # why a push was dropped: closed_round, too_stale or run_done
 
 
 def damping_scale(staleness: int) -> float:
@@ -94,6 +96,7 @@ class ConsistencyEngine:
         self.ledger = Ledger()
         self.pushes_dropped = 0
         self.last_loss = float("nan")
+        self.metrics = MetricsHook()  # the server installs ServerMetrics when metrics are on
 
     # -- called by the servicer -----------------------------------------------------
 
@@ -113,7 +116,8 @@ class ConsistencyEngine:
             previous_sequence = record.last_sequence
             record.last_sequence, record.last_reply = push.sequence, None
             try:
-                result = self._result(pb.PUSH_OUTCOME_DROPPED) if self.store.done else self._admit(push, record)
+                result = (self._result(pb.PUSH_OUTCOME_DROPPED, reason="run_done") if self.store.done
+                          else self._admit(push, record))
             except BaseException:
                 record.last_sequence = previous_sequence  # nothing was applied: a retry may try again
                 self.store.lock.notify_all()
@@ -123,9 +127,11 @@ class ConsistencyEngine:
             if result.outcome == pb.PUSH_OUTCOME_ACCEPTED:
                 record.pushes_accepted += 1
                 record.last_loss = push.loss
+                self.metrics.push_accepted(push.worker_id, push.num_samples)
             else:
                 record.pushes_dropped += 1
                 self.pushes_dropped += 1
+                self.metrics.push_dropped(push.worker_id, result.reason)
             self.store.lock.notify_all()
             return result
 
@@ -165,9 +171,10 @@ class ConsistencyEngine:
     def _on_tick(self, lost_worker_ids: list[int]) -> None:
         pass
 
-    def _result(self, outcome: int, next_version: int | None = None) -> PushResult:
+    def _result(self, outcome: int, next_version: int | None = None, reason: str = "") -> PushResult:
         version = self.store.version
-        return PushResult(outcome, version, version if next_version is None else next_version, self.store.done)
+        return PushResult(outcome, version, version if next_version is None else next_version, self.store.done,
+                          reason)
 
     def _accumulate(self, push: StagedPush) -> LedgerEntry:
         """Adds a push to the next update's mean (damped for its staleness); returns its ledger line.
@@ -196,13 +203,16 @@ class ConsistencyEngine:
         for r in self._buffer_regions:
             regions[r] = averaged[r]
         new_version = self.store.publish(regions)
-        for entry in contributions:
-            self.ledger.record(dataclasses.replace(entry, version=new_version))
+        entries = [dataclasses.replace(entry, version=new_version) for entry in contributions]
+        for entry in entries:
+            self.ledger.record(entry)
         self.last_loss = sum(self._losses) / len(self._losses)
+        self.metrics.update_applied(new_version, self.last_loss, entries)
         self._mean.reset()
         self._losses.clear()
         if self.max_versions is not None and new_version >= self.max_versions:
-            log.info("reached version %d of %d: run complete", new_version, self.max_versions)
+            log.info("reached version %d of %d: run complete", new_version, self.max_versions,
+                     extra={"event": "run_complete", "version": new_version})
             self.store.finish()
         return new_version
 
@@ -244,8 +254,10 @@ class SyncRounds(ConsistencyEngine):
     def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
         version = self.store.version
         if push.base_version < version:
-            log.info("dropped push of %s for closed round %d (now %d)", record.name, push.base_version, version)
-            return self._result(pb.PUSH_OUTCOME_DROPPED)
+            log.info("dropped push of %s for closed round %d (now %d)", record.name, push.base_version, version,
+                     extra={"event": "push_dropped", "reason": "closed_round", "worker": record.name,
+                            "base_version": push.base_version, "version": version})
+            return self._result(pb.PUSH_OUTCOME_DROPPED, reason="closed_round")
         if push.base_version > version:
             raise FailedPrecondition(f"push based on version {push.base_version}, but the server is at {version}")
         if any(p.worker_id == push.worker_id for p in self._round):
@@ -267,9 +279,13 @@ class SyncRounds(ConsistencyEngine):
 
     def _close_round(self, reason: str) -> None:
         count = len(self._round)
+        self.metrics.round_waited(self._clock() - self._round_started)
         version = self._publish(self._round)
-        if reason != "quorum":
-            log.warning("round %d closed by %s with %d of %d pushes", version - 1, reason, count, self.num_workers)
+        # every round is an event for JSON logs; only the ones that did not wait for their quorum are news
+        log.log(logging.DEBUG if reason == "quorum" else logging.WARNING,
+                "round %d closed by %s with %d of %d pushes", version - 1, reason, count, self.num_workers,
+                extra={"event": "round_closed", "round": version - 1, "reason": reason, "pushes": count,
+                       "workers": self.num_workers})
         self._round = []
         self._round_started = None
 
@@ -330,26 +346,30 @@ class AsyncEngine(ConsistencyEngine):
         bound = self.staleness_bound
         if bound is not None and version - push.base_version > bound:
             log.info("dropped push of %s: %d versions stale, bound %d", record.name, version - push.base_version,
-                     bound)
+                     bound, extra={"event": "push_dropped", "reason": "too_stale", "worker": record.name,
+                                   "base_version": push.base_version, "version": version, "bound": bound})
             self._pending.pop(push.worker_id, None)
-            return self._result(pb.PUSH_OUTCOME_DROPPED)
+            return self._result(pb.PUSH_OUTCOME_DROPPED, reason="too_stale")
         if bound is None:
             self._publish([self._accumulate(push)])
             return self._result(pb.PUSH_OUTCOME_ACCEPTED)
         self._pending[push.worker_id] = push.base_version
         self._waiting.append(push)
         self._drain(force=False)
-        deadline = self._clock() + self.wait_timeout
+        started = self._clock()
+        deadline = started + self.wait_timeout
         key = (push.worker_id, push.sequence)
         while key not in self._applied:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 log.warning("%s waited %.0fs for slower workers; applying without them", record.name,
-                            self.wait_timeout)
+                            self.wait_timeout, extra={"event": "wait_expired", "worker": record.name,
+                                                      "waited_s": self.wait_timeout})
                 self._drain(force=True)
                 break
             self.store.lock.wait(min(remaining, 1.0))
         self._applied.discard(key)
+        self.metrics.round_waited(self._clock() - started)
         return self._result(pb.PUSH_OUTCOME_ACCEPTED)
 
     def _on_tick(self, lost_worker_ids: list[int]) -> None:

@@ -26,9 +26,11 @@ from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.evaluation import ServerEvaluator
 from paramhub.ps.ledger import Ledger
+from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
+from paramhub.ps.status_page import StatusPage, run_status
 from paramhub.ps.store import ParameterStore
 
 log = logging.getLogger("paramhub.ps")
@@ -122,7 +124,9 @@ class PSServer:
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
-                                          r.name, r.worker_id, config.timeouts.lease))
+                                          r.name, r.worker_id, config.timeouts.lease,
+                                          extra={"event": "worker_lost", "worker": r.name, "worker_id": r.worker_id,
+                                                 "lease_s": config.timeouts.lease}))
         self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry)
         if resumed:
             self.engine.ledger = Ledger.from_tensors(resumed.server_state)
@@ -166,6 +170,13 @@ class PSServer:
             facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
         ) if config.eval_data and config.eval_every else None
         self._ticker = Ticker(self.engine)
+        # /metrics and the status page both read one ServerMetrics; with neither, events go to a no-op.
+        self.metrics = (ServerMetrics(self.registry, lambda: self.store.version)
+                        if config.metrics_port is not None or config.http_port is not None else MetricsHook())
+        self.engine.metrics = self.servicer.metrics = self.metrics
+        self._status_page = StatusPage(lambda: run_status(self)) if config.http_port is not None else None
+        self.metrics_port: int | None = None  # bound ports of the HTTP endpoints that are on
+        self.http_port: int | None = None
         self._stop = threading.Event()
         self.port: int | None = None
         self.last_checkpoint: str | None = None
@@ -209,6 +220,7 @@ class PSServer:
                          else self._grpc.add_insecure_port(address))
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {address}: {exc}") from None
+        self._serve_http()
         self._grpc.start()
         self._ticker.start()
         self._set_serving(True)
@@ -216,6 +228,26 @@ class PSServer:
                  self.config.model, len(self.layout.tensors), self.layout.nbytes / 1e6, self.config.host,
                  self.port, self.config.mode, self.config.update, self.config.workers)
         return self.port
+
+    def _serve_http(self) -> None:
+        """Starts the read-only, unauthenticated HTTP endpoints that are configured (README: Watching a run)."""
+        host = self.config.host.strip("[]")  # an IPv6 gRPC address is bracketed; sockets want it bare
+        try:
+            if self.config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
+                log.info("Prometheus metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+            if self._status_page is not None:
+                self.http_port = self._status_page.serve(host, self.config.http_port)
+                log.info("status page on http://%s:%d/", self.config.host, self.http_port)
+        except OSError as exc:
+            self._close_http()
+            raise RuntimeError(f"cannot serve HTTP on {host}: {exc}") from None
+
+    def _close_http(self) -> None:
+        if isinstance(self.metrics, ServerMetrics):
+            self.metrics.close()
+        if self._status_page is not None:
+            self._status_page.close()
 
     def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -272,7 +304,8 @@ class PSServer:
                 self.checkpoint()
                 last_checkpoint = seen
             if self.evaluator and (self.evaluator.due(seen) or snap.done and self.evaluator.last_version != seen):
-                self.evaluator.run(seen, self.model_state(snap.regions))  # and always the final version
+                record = self.evaluator.run(seen, self.model_state(snap.regions))  # and always the final version
+                self.metrics.evaluated(record)
             if snap.done:
                 break
         self._set_serving(False)
@@ -300,3 +333,4 @@ class PSServer:
         """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
         self._grpc.stop(grace).wait(grace + 1)
         self._ticker.stop()
+        self._close_http()

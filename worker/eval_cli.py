@@ -19,7 +19,7 @@ import click
 
 from paramhub.common.config import Timeouts
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import setup_logging
+from paramhub.common.runtime import LOG_FORMATS, setup_logging
 from paramhub.worker.cli import _address
 
 log = logging.getLogger("paramhub.worker")
@@ -57,14 +57,15 @@ def _tensorboard(ctx, param, value: str | None) -> str | None:
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
 def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard, batch_size, device, eval_size, seed,
-         loader_workers, name, connect_timeout, rpc_timeout, log_level, **security):
+         loader_workers, name, connect_timeout, rpc_timeout, log_level, log_format, **security):
     """Evaluate the global model (top-1, top-5, loss) as an observer; keep the best one.
 
     Prints one JSON line per evaluation (version, top1, top5, loss, time, samples).
     Exits 0 when the run is done, 2 when the server is unreachable.
     """
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     if once and every is not None:
         raise click.UsageError("--once and --every exclude each other")
     from paramhub.common.data import DataError
