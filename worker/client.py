@@ -231,7 +231,7 @@ class PSClient:
             chunks = codec.encoded_chunks(wire, codec.to_wire(regions, wire), dense, chunk_bytes)
             if faults.die_mid_push(header.sequence):
                 chunks = list(chunks)
-                yield from chunks[: len(chunks) // 2 + 1]
+                yield from chunks[: len(chunks) // 2]  # never the whole push: nothing may be applied
                 faults.die_now()
             yield from chunks
 
