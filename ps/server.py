@@ -322,8 +322,13 @@ class PSServer:
             self.checkpoint()
 
     def _drain(self) -> None:
-        """Gives workers a bounded time to learn that the run is done (they Leave)."""
-        deadline = time.monotonic() + self.config.done_grace_s
+        """Gives workers a bounded time to learn that the run is done (they Leave).
+
+        A live worker in the middle of a slow step learns it with its next push, so
+        the wait lasts until every worker left or its lease expired (a dead one stops
+        heartbeating), and never longer than the lease timeout plus the grace period.
+        """
+        deadline = time.monotonic() + self.config.done_grace_s + self.config.timeouts.lease
         while time.monotonic() < deadline:
             if not any(r.alive for r in self.registry.trainers()):
                 return

@@ -11,9 +11,10 @@
   weights it has.
 
 So step t+1 computes while update t travels: each push is based on weights one
-exchange older than without overlap, which async mode (and its staleness bound)
-is built to accept. Sync mode must not use it: its pushes must be based on the
-round's version.
+exchange older than without overlap, which unbounded async mode accepts. The
+trainer uses it only there: sync pushes must be based on the round's version,
+and the SSP bound counts a worker's lag from its pulls, which overlap outruns
+(measured: pushes dropped as too stale, their work wasted).
 """
 
 from __future__ import annotations
