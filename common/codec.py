@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from paramhub.common.layout import Layout, LayoutError, dtype_size
+from paramhub.common.layout import Layout, dtype_size
 from paramhub.common.pb import paramhub_pb2 as pb
 
 if sys.byteorder != "little":  # the wire is little-endian and we copy raw memory

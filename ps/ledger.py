@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class LedgerEntry:
@@ -45,10 +47,8 @@ class Ledger:
 
     # -- checkpointing ------------------------------------------------------------------
 
-    def to_tensors(self) -> dict[str, "torch.Tensor"]:
+    def to_tensors(self) -> dict[str, torch.Tensor]:
         """The ledger as tensors, for the checkpoint."""
-        import torch
-
         rows = [[e.version, e.worker_id, e.sequence, e.base_version, e.staleness, e.num_samples] for e in self.entries]
         return {
             "ledger.entries": torch.tensor(rows, dtype=torch.int64).reshape(-1, 6),
@@ -59,7 +59,7 @@ class Ledger:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, "torch.Tensor"], capacity: int = 100_000) -> "Ledger":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], capacity: int = 100_000) -> "Ledger":
         """Rebuilds a ledger saved by ``to_tensors`` (an empty one when the keys are absent)."""
         ledger = cls(capacity)
         if "ledger.entries" not in tensors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -51,3 +52,32 @@ def connect():
     yield make
     for client in clients:
         client.close()
+
+
+def train_in_threads(config, workers: int, make_client=None, timeout: float = 150.0) -> dict:
+    """Runs ``workers`` real Trainers (shards 0..workers-1), one thread each; returns their summaries.
+
+    Raises the first worker's error, and fails if a worker is still running after ``timeout``.
+    """
+    from paramhub.worker.client import PSClient
+    from paramhub.worker.trainer import Trainer
+
+    make_client = make_client or (lambda: PSClient(config.server, config.timeouts))
+    summaries, errors = {}, []
+
+    def run(shard: int):
+        try:
+            with make_client() as client:
+                summaries[shard] = Trainer(dataclasses.replace(config, shard=shard), client).run()
+        except Exception as exc:  # re-raised in the test's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a worker did not finish in time"
+    return summaries

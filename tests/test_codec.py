@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from helpers_unit import assemble, field_bytes, field_varint, property_settings, random_regions, same_bytes
 from paramhub.common import codec
 from paramhub.common.codec import Chunk, MalformedMessage, RegionAssembler
-from paramhub.common.layout import BUFFER, PARAM, Layout, dtype_size
+from paramhub.common.layout import BUFFER, PARAM, Layout, LayoutError, dtype_size
 from paramhub.common.pb import paramhub_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -373,9 +373,9 @@ def test_assembler_only_accepts_expected_regions():
 
 def test_assembler_checks_region_buffers():
     layout, _, _ = _two_region_stream()
-    with pytest.raises(codec.LayoutError):
+    with pytest.raises(LayoutError):
         RegionAssembler(layout, [torch.zeros(10)], [0])
-    with pytest.raises(codec.LayoutError):
+    with pytest.raises(LayoutError):
         RegionAssembler(layout, [torch.zeros(10, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)], [0, 1])
 
 

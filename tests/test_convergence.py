@@ -6,19 +6,15 @@ synthetic 8 px images; the global model is then evaluated on unseen samples.
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, train_in_threads
 from paramhub.common.config import WorkerConfig
 from paramhub.common.data import SyntheticImages
 from paramhub.common.models import build_model
-from paramhub.worker.client import PSClient
-from paramhub.worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 CLASSES, IMAGE = 4, 8
@@ -40,22 +36,7 @@ def train(start_server, workers: int, **server_options):
     server = start_server(model="mlp", num_classes=CLASSES, workers=workers, **server_options)
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", batch_size=16, image_size=IMAGE,
                           synthetic_size=2048, log_every=0, timeouts=fast_timeouts())
-    summaries, errors = {}, []
-
-    def run(shard: int):
-        try:
-            with PSClient(config.server, config.timeouts) as client:
-                summaries[shard] = Trainer(dataclasses.replace(config, shard=shard), client).run()
-        except Exception as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=150)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads)
+    summaries = train_in_threads(config, workers)
     return server, summaries
 
 

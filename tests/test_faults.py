@@ -80,7 +80,7 @@ def test_server_killed_and_resumed_loses_and_doubles_no_update(tmp_path):
         codes = cluster.wait(timeout=240)
         logs = {name: cluster.read_log(name) for name in codes}
     assert codes == {"server": 0, "worker0": 0, "worker1": 0}, logs
-    assert f"resuming from" in logs["server"]
+    assert "resuming from" in logs["server"]
     assert "joining again" in logs["worker0"] + logs["worker1"]
     ledger = ledger_of(ckpt)
     per_version = collections.Counter(e.version for e in ledger.entries)

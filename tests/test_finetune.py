@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, train_in_threads
 from paramhub.common.checkpoint import list_checkpoints, load_model_state
 from paramhub.common.config import WorkerConfig
 from paramhub.common.models import WeightsError
-from paramhub.worker.client import PSClient
-from paramhub.worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,21 +34,7 @@ def pretrained(tmp_path):
 def run_workers(port: int, workers: int, tmp_path) -> None:
     config = WorkerConfig(server=f"127.0.0.1:{port}", data="synthetic", batch_size=4, image_size=32,
                           synthetic_size=64, log_every=0, timeouts=fast_timeouts())
-    errors = []
-
-    def run(shard):
-        try:
-            with PSClient(config.server, config.timeouts) as client:
-                Trainer(dataclasses.replace(config, shard=shard), client).run()
-        except Exception as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=150)
-    assert not errors, errors
+    train_in_threads(config, workers)
 
 
 def test_frozen_backbone_sends_only_the_head_and_keeps_the_backbone_exact(start_server, connect, pretrained, tmp_path):

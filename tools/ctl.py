@@ -83,8 +83,6 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
     arch, num_classes = meta.get("model"), meta.get("num_classes")
     if arch is None or num_classes is None:
         raise CheckpointError(f"{source} does not say which model it holds (no 'model'/'num_classes' metadata)")
-    import torch  # noqa: F401  (only export needs torch; health checks stay light)
-
     from paramhub.common.models import build_model
 
     model = build_model(arch, int(num_classes))

@@ -19,9 +19,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from paramhub.common import checkpoint
 from paramhub.common.config import Timeouts
-from paramhub.common.evaluation import BEST_MODEL, BestModel, Metrics, evaluate, evaluation_dataset
+from paramhub.common.evaluation import BEST_MODEL, BestModel, evaluate, evaluation_dataset
 from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
