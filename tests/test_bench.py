@@ -1,4 +1,4 @@
-"""ps-bench transport, end to end: the real console script with its two server subprocesses."""
+"""ps-bench transport, round and aggregate, end to end: the real console script and its child processes."""
 
 from __future__ import annotations
 
@@ -22,3 +22,32 @@ def test_transport_json_reports_positive_medians_and_ratio():
         assert isinstance(report[key], float) and report[key] > 0, (key, report)
     assert report["ratio"] == pytest.approx(report["paramhub_s"] / report["socket_s"])
     assert len(report["paramhub_samples_s"]) == len(report["socket_samples_s"]) == 2
+
+
+def _bench_json(*args: str) -> dict:
+    exe = shutil.which("ps-bench")
+    assert exe, "ps-bench is not installed (pip install -e .)"
+    done = subprocess.run([exe, *args, "--json"], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_round_json_reports_positive_times_ratio_and_server_memory():
+    report = _bench_json("round", "--model", "mlp", "--workers", "2", "--repeats", "1", "--split-rounds", "1")
+    for key in ("ratio", "round_s", "gloo_s", "server_peak_rss_mb", "rss_budget_mb"):
+        assert isinstance(report[key], float) and report[key] > 0, (key, report)
+    assert report["ratio"] == pytest.approx(report["round_s"] / report["gloo_s"])
+    assert report["workers"] == 2 and report["wire_dtype"] == "fp32" and report["bytes"] > 0
+    assert len(report["round_samples_s"]) == len(report["gloo_samples_s"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_aggregate_json_reports_positive_times_and_ratio():
+    report = _bench_json("aggregate", "--model", "mlp", "--workers", "2", "--repeats", "1")
+    for key in ("ratio", "aggregate_s", "copy_s"):
+        assert isinstance(report[key], float) and report[key] > 0, (key, report)
+    assert report["ratio"] == pytest.approx(report["aggregate_s"] / report["copy_s"])
+    assert report["workers"] == 2 and report["bytes"] > 0

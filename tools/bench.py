@@ -6,6 +6,10 @@ same bytes (tools/socket_baseline.py). It reports both medians and their ratio,
 which is the figure DESIGN.md and BENCHMARKS.md speak in: absolute times on a
 shared machine drift from run to run, the ratio of interleaved rounds much less.
 
+``ps-bench round`` and ``ps-bench aggregate`` (tools/bench_round.py) time a whole
+sync round against gloo's all_reduce, and the server's update math against a
+memory copy, in the same interleaved style.
+
 Both servers run in child processes (hidden ``serve-*`` subcommands of this
 module), so neither shares a GIL with the client. A child exits when its stdin
 closes, so it goes away with the parent even if the parent is killed.
@@ -28,13 +32,14 @@ import click
 from paramhub.common.codec import DEFAULT_CHUNK_BYTES
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
-from paramhub.tools import convergence, socket_baseline
+from paramhub.tools import bench_round, convergence, socket_baseline
 
 NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0  # a child imports torch and builds the model before it answers
 STOP_TIMEOUT_S = 10.0
 GOAL_RATIO = 2.0  # issue 2: push+pull at most twice the plain-socket round trip
+ROUND_TIMEOUT_S = 120.0  # a bench's sync round never waits longer than this for its pushes
 _READY = b"READY "
 
 
@@ -265,20 +270,61 @@ def convergence_cmd(model, workers, updates, eval_every, batch_size, image_size,
     click.echo(convergence.to_json(results, settings) if as_json else convergence.format_table(results))
 
 
+@main.command("round")
+@click.option("--workers", default=4, type=click.IntRange(min=1), help="N: workers, and gloo ranks.")
+@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="How floats travel between the workers and the server (gloo always reduces fp32).")
+@click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Whose layout and size.")
+@click.option("--repeats", default=5, type=click.IntRange(min=1), help="Timed rounds of each path.")
+@click.option("--warmup", default=1, type=click.IntRange(min=0), help="Untimed rounds of each path first.")
+@click.option("--split-rounds", default=2, type=click.IntRange(min=0),
+              help="Extra rounds with the pushes and the pulls apart, for the server's CPU per byte of each.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def round_cmd(workers, wire_dtype, model, repeats, warmup, split_rounds, as_json):
+    """A full sync round (N pushes, SGD, N pulls) against gloo all_reduce of the same tensor, interleaved."""
+    setup_logging("WARNING")
+    result = bench_round.run_round(model, workers, wire_dtype, repeats, warmup, split_rounds)
+    click.echo(json.dumps(result) if as_json else bench_round.format_round(result))
+
+
+@main.command("aggregate")
+@click.option("--workers", default=4, type=click.IntRange(min=1), help="N: pushes averaged per update.")
+@click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Whose layout and size.")
+@click.option("--repeats", default=7, type=click.IntRange(min=1), help="Timed rounds of each path.")
+@click.option("--warmup", default=1, type=click.IntRange(min=0), help="Untimed rounds of each path first.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def aggregate(workers, model, repeats, warmup, as_json):
+    """The server's update math (mean of N pushes, SGD) against copying the same bytes, interleaved."""
+    keep_freed_memory_resident()  # as the server does
+    setup_logging("WARNING")
+    result = bench_round.run_aggregate(model, workers, repeats, warmup)
+    click.echo(json.dumps(result) if as_json else bench_round.format_aggregate(result))
+
+
 @main.command("serve-paramhub", hidden=True)
 @click.option("--model", required=True, type=click.Choice(ARCHS))
-@click.option("--chunk-bytes", required=True, type=int)
-def serve_paramhub(model, chunk_bytes):
-    """Child: a PSServer on a free port until stdin closes."""
+@click.option("--chunk-bytes", default=DEFAULT_CHUNK_BYTES, type=int)
+@click.option("--workers", default=1, type=click.IntRange(min=1), help="N of a sync round.")
+@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--rss-file", default=None, help="Write the RSS after imports and once ready here (JSON).")
+def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
+    """Child: a PSServer (sync, grad, SGD momentum 0.9) on a free port until stdin closes."""
     keep_freed_memory_resident()
     setup_logging("WARNING")
-    from paramhub.common.config import ServerConfig
+    from paramhub.common.config import ServerConfig, Timeouts
     from paramhub.ps.server import PSServer
 
-    server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=1,
-                                   chunk_bytes=chunk_bytes))
+    runtime_kb = bench_round.proc_status_kb("self", "VmRSS")  # torch, torchvision, grpc: before any tensor
+    # A long lease: bench workers send no heartbeats, and may sit idle while the gloo group starts.
+    timeouts = Timeouts(lease=900, round=ROUND_TIMEOUT_S, pull_wait=30)
+    server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=workers,
+                                   mode="sync", update="grad", momentum=0.9, chunk_bytes=chunk_bytes,
+                                   wire_dtype=wire_dtype, timeouts=timeouts))
     try:
-        _announce(server.start())
+        port = server.start()
+        if rss_file:
+            bench_round.write_server_rss(rss_file, runtime_kb)
+        _announce(port)
         _wait_for_parent()
     finally:
         server.shutdown(grace=0)
