@@ -119,7 +119,10 @@ class PSClient:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.NOT_FOUND and self.info is not None:
                     raise ServerRestarted(f"the server at {self.address} no longer knows this worker") from None
-                if code != grpc.StatusCode.UNAVAILABLE:
+                # UNAVAILABLE: not reachable (yet, or restarting); CANCELLED: a server shutting down
+                # cancels the calls still in flight. Both are safe to retry: these calls are idempotent
+                # or deduplicated.
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 if time.monotonic() + delay > deadline:
                     raise ServerUnreachable(
