@@ -24,7 +24,7 @@ from paramhub.common.evaluation import BEST_MODEL, BestModel, evaluate, evaluati
 from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
-from paramhub.worker.trainer import check_layout, resolve_device
+from paramhub.worker.trainer import check_layout, load_frozen, resolve_device
 
 log = logging.getLogger("paramhub.worker")
 
@@ -152,13 +152,7 @@ class Evaluator:
 
     def _load_frozen(self, model: torch.nn.Module, info: JoinInfo) -> None:
         """Pulls the tensors a frozen-backbone run never changes, once."""
-        check_layout(model, info.frozen_layout, info.model.arch)
-        regions = info.frozen_layout.empty_regions()
-        self.client.pull_frozen(regions)
-        own = model.state_dict()
-        with torch.no_grad():
-            for name, tensor in info.frozen_layout.views(regions).items():
-                own[name].copy_(tensor)
+        load_frozen(self.client, model, info)
 
     def _rejoin(self, exc: Exception, layout_hash: str, last: int) -> int:
         """Joins a restarted server again; returns the new ``last`` version evaluated."""

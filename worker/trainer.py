@@ -222,6 +222,17 @@ def train_mode(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
         module.eval()
 
 
+def load_frozen(client, model: nn.Module, info) -> None:
+    """Pulls the tensors a frozen-backbone run never changes (once) into ``model``."""
+    check_layout(model, info.frozen_layout, info.model.arch)
+    regions = info.frozen_layout.empty_regions()
+    client.pull_frozen(regions)
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in info.frozen_layout.views(regions).items():
+            own[name].copy_(tensor)
+
+
 class Trainer:
     """Trains one shard against the parameter server.
 
@@ -236,13 +247,7 @@ class Trainer:
 
     def _load_frozen(self, model: nn.Module, info) -> list[nn.Module]:
         """Pulls the frozen tensors once, loads them and freezes them; returns the frozen BatchNorm layers."""
-        check_layout(model, info.frozen_layout, info.model.arch)
-        regions = info.frozen_layout.empty_regions()
-        self.client.pull_frozen(regions)
-        own = model.state_dict()
-        with torch.no_grad():
-            for name, tensor in info.frozen_layout.views(regions).items():
-                own[name].copy_(tensor)
+        load_frozen(self.client, model, info)
         return freeze(model, {t.name for t in info.frozen_layout.tensors})
 
     def run(self) -> TrainSummary:
