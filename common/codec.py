@@ -308,11 +308,6 @@ def to_wire(regions: list[torch.Tensor], wire_layout: Layout) -> list[torch.Tens
     return [r if r.dtype == spec.dtype else r.to(spec.dtype) for r, spec in zip(regions, wire_layout.regions)]
 
 
-def from_wire(wire_regions: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
-    """Received wire regions converted back to the model layout's dtypes."""
-    return [r if r.dtype == spec.dtype else r.to(spec.dtype) for r, spec in zip(wire_regions, layout.regions)]
-
-
 def all_finite(regions: list[torch.Tensor], region_ids: list[int]) -> bool:
     """True when no floating element of the given regions is NaN or infinite.
 

@@ -195,20 +195,23 @@ class ConsistencyEngine:
         statistics) become the plain sample-weighted mean.
         """
         snapshot = self.store.snapshot()
-        averaged = self._mean.mean()
+        averaged = self._mean.mean_()  # in place: the sums become the mean
         regions = list(snapshot.regions)
         for r in self._param_regions:
             state = self.store.rule_state.setdefault(r, {})
-            regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version)
+            # the new weights overwrite the mean, which is not needed after the step
+            regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version, out=averaged[r])
         for r in self._buffer_regions:
             regions[r] = averaged[r]
         new_version = self.store.publish(regions)
+        # The next sums take the memory of an old version that no pull reads any more, so a
+        # steady run allocates nothing of the model's size per update.
+        self._mean.reset(self.store.reclaim())
         entries = [dataclasses.replace(entry, version=new_version) for entry in contributions]
         for entry in entries:
             self.ledger.record(entry)
         self.last_loss = sum(self._losses) / len(self._losses)
         self.metrics.update_applied(new_version, self.last_loss, entries)
-        self._mean.reset()
         self._losses.clear()
         if self.max_versions is not None and new_version >= self.max_versions:
             log.info("reached version %d of %d: run complete", new_version, self.max_versions,

@@ -1,8 +1,10 @@
 """Update rules: the server's math, as pure functions on flat tensors.
 
-Nothing here knows about gRPC, workers or rounds. Every function that produces
-new global weights returns a fresh tensor instead of writing in place, because
-pulls in flight may still be streaming the previous version.
+Nothing here knows about gRPC, workers or rounds. No function that produces new
+global weights writes into the current weights, because pulls in flight may still
+be streaming them: the result goes into ``out`` when given (the server passes the
+averaged update, which it no longer needs, so a step allocates nothing) or into a
+fresh tensor.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ def sgd_step(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One step of SGD with the exact semantics of ``torch.optim.SGD`` (dampening 0).
 
     Args:
         params: current weights (not modified).
-        grad: the (averaged) gradient.
+        grad: the (averaged) gradient; not modified unless it is ``out``.
         momentum_buffer: the previous momentum buffer, or None before the first step.
         lr, momentum, weight_decay, nesterov: as in torch.optim.SGD.
+        out: where to write the new weights (may be ``grad``); None: a fresh tensor.
 
     Returns:
         (new weights, new momentum buffer or None when momentum is 0).
@@ -45,18 +49,19 @@ def sgd_step(
         else:
             buf = momentum_buffer.mul_(momentum).add_(d_p)
         d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-    return params.add(d_p, alpha=-lr), buf
+    return torch.add(params, d_p, alpha=-lr, out=out), buf
 
 
 class UpdateRule(Protocol):
     """Turns an aggregated update of the PARAM region into new weights.
 
     ``state`` is the rule's own tensors (optimizer buffers); the rule may update
-    them in place; they are saved in checkpoints under their keys.
+    them in place; they are saved in checkpoints under their keys. The new weights
+    go into ``out`` when given (it may be ``update``), never into ``params``.
     """
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
-              version: int) -> torch.Tensor: ...
+              version: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def adamw_step(
@@ -70,15 +75,17 @@ def adamw_step(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One step of AdamW with the semantics of ``torch.optim.AdamW`` (amsgrad off).
 
     Args:
         params: current weights (not modified).
-        grad: the (averaged) gradient.
+        grad: the (averaged) gradient; not modified unless it is ``out``.
         exp_avg, exp_avg_sq: the moment estimates, updated in place.
         step: the number of this step, starting at 1 (for bias correction).
         lr, betas, eps, weight_decay: as in torch.optim.AdamW.
+        out: where to write the new weights (may be ``grad``); None: a fresh tensor.
 
     Returns:
         The new weights.
@@ -89,8 +96,9 @@ def adamw_step(
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    decayed = params * (1 - lr * weight_decay) if weight_decay else params
-    return decayed.addcdiv(exp_avg, denom, value=-lr / bias_correction1)
+    # grad is not read below this line, so out may be grad
+    decayed = torch.mul(params, 1 - lr * weight_decay, out=out)
+    return decayed.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +153,10 @@ class SGDRule:
     schedule: LRSchedule = LRSchedule()
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
-              version: int) -> torch.Tensor:
+              version: int, out: torch.Tensor | None = None) -> torch.Tensor:
         new_params, buf = sgd_step(params, update, state.get("momentum_buffer"),
                                    lr=self.lr * self.schedule.factor(version), momentum=self.momentum,
-                                   weight_decay=self.weight_decay, nesterov=self.nesterov)
+                                   weight_decay=self.weight_decay, nesterov=self.nesterov, out=out)
         if buf is not None:
             state["momentum_buffer"] = buf
         return new_params
@@ -165,7 +173,7 @@ class AdamWRule:
     schedule: LRSchedule = LRSchedule()
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
-              version: int) -> torch.Tensor:
+              version: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(params)
             state["exp_avg_sq"] = torch.zeros_like(params)
@@ -173,7 +181,7 @@ class AdamWRule:
         state["step"] += 1
         return adamw_step(params, update, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
                           lr=self.lr * self.schedule.factor(version), betas=self.betas, eps=self.eps,
-                          weight_decay=self.weight_decay)
+                          weight_decay=self.weight_decay, out=out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +201,11 @@ class AveragingRule:
             raise ValueError(f"unknown outer optimizer {self.outer!r}; choose one of {', '.join(OUTER_OPTIMIZERS)}")
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
-              version: int) -> torch.Tensor:
+              version: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.outer == "none":
-            return params.add(update)
+            return torch.add(params, update, out=out)
         new_params, buf = sgd_step(params, update.neg(), state.get("momentum_buffer"), lr=self.outer_lr,
-                                   momentum=self.outer_momentum, nesterov=True)
+                                   momentum=self.outer_momentum, nesterov=True, out=out)
         state["momentum_buffer"] = buf
         return new_params
 
@@ -206,44 +214,72 @@ class AveragingRule:
 class WeightedMean:
     """Accumulates a sample-weighted mean of flat tensors in place.
 
-    Memory stays one accumulator per region however many workers contribute.
+    Memory stays one accumulator per region however many workers contribute, and
+    ``mean_`` divides in place, so a round allocates nothing of the model's size.
     Integer tensors (BatchNorm's ``num_batches_tracked``) are averaged in float64
     and rounded.
     """
 
+    # Mixed-dtype in-place adds (bf16 pushes into fp32 sums) go slice by slice: torch's
+    # whole-tensor path for them measured 3-20x slower than slices that fit in cache.
+    _SLICE = 1 << 20
+
     def __init__(self, like: list[torch.Tensor]):
-        self._sums = [torch.zeros_like(t, dtype=torch.float64 if not t.is_floating_point() else t.dtype)
-                      for t in like]
-        self._dtypes = [t.dtype for t in like]
-        self.total_weight = 0.0
-        self.count = 0
+        self._like = [(t.numel(), t.dtype) for t in like]
+        self._sums: list[torch.Tensor | None] = [self._empty(r) for r in range(len(like))]
+        self.reset()
+
+    def _empty(self, r: int) -> torch.Tensor:
+        numel, dtype = self._like[r]
+        return torch.empty(numel, dtype=dtype if dtype.is_floating_point else torch.float64)
 
     def add(self, tensors: list[torch.Tensor], weight: float, scales: list[float] | None = None) -> None:
         """Adds ``weight`` × each tensor (times its entry in ``scales``, if given) to the running sums.
 
         ``scales`` damps some tensors (stale updates) without changing their weight
-        in the mean of the others (BatchNorm statistics).
+        in the mean of the others (BatchNorm statistics). Tensors may have a
+        narrower floating dtype than the sums (a bf16 wire): no full-size copy is made.
         """
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
         for i, (acc, t) in enumerate(zip(self._sums, tensors)):
-            acc.add_(t.to(acc.dtype), alpha=weight * (scales[i] if scales else 1.0))
+            alpha = weight * (scales[i] if scales else 1.0)
+            if t.dtype == acc.dtype:
+                acc.add_(t, alpha=alpha)
+            else:
+                for start in range(0, acc.numel(), self._SLICE):
+                    acc[start : start + self._SLICE].add_(t[start : start + self._SLICE], alpha=alpha)
         self.total_weight += weight
         self.count += 1
 
-    def mean(self) -> list[torch.Tensor]:
-        """The weighted means (fresh tensors), in the original dtypes."""
+    def mean_(self) -> list[torch.Tensor]:
+        """The weighted means, in the original dtypes; floating ones are the sums themselves, divided.
+
+        Those tensors are handed over: call ``reset`` before adding again.
+        """
         if not self.count:
             raise ValueError("mean of nothing")
         out = []
-        for acc, dtype in zip(self._sums, self._dtypes):
-            avg = acc / self.total_weight
-            out.append(avg.round().to(dtype) if not dtype.is_floating_point else avg.to(dtype))
+        for r, acc in enumerate(self._sums):
+            if acc.dtype == self._like[r][1]:
+                out.append(acc.div_(self.total_weight))
+                self._sums[r] = None
+            else:
+                out.append((acc / self.total_weight).round().to(self._like[r][1]))
         return out
 
-    def reset(self) -> None:
-        """Forgets everything added (keeps the memory)."""
-        for acc in self._sums:
+    def reset(self, spare: list[torch.Tensor | None] | None = None) -> None:
+        """Forgets everything added.
+
+        Sums handed over by ``mean_`` are replaced by the matching tensor of
+        ``spare`` (memory nobody uses any more, such as an old version's weights)
+        or by new memory.
+        """
+        for r, acc in enumerate(self._sums):
+            if acc is None:
+                candidate = spare[r] if spare is not None and r < len(spare) else None
+                fits = candidate is not None and (candidate.numel(), candidate.dtype) == self._like[r]
+                acc = self._sums[r] = candidate if fits else self._empty(r)
             acc.zero_()
         self.total_weight = 0.0
         self.count = 0

@@ -7,6 +7,7 @@ checkpoints on the way and a final one at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -22,6 +23,7 @@ from paramhub.common.config import ServerConfig
 from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
 from paramhub.common.models import build_model, head_names, load_initial_weights
 from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.runtime import release_free_memory
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.evaluation import ServerEvaluator
@@ -120,7 +122,8 @@ class PSServer:
         self.frozen_regions = self.frozen_layout.flatten(model.state_dict()) if frozen else []
         resumed = self._resume() if config.resume else None
         self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
-        del model
+        del model, state
+        release_free_memory()  # the model's own tensors: freed, but resident while the allocator keeps them
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
@@ -150,6 +153,7 @@ class PSServer:
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
             stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
+            staging_sets=config.staging_sets,
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
@@ -269,19 +273,20 @@ class PSServer:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
             return None
-        with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
-            snap, rule_state = self.store.checkpoint_state()
-            server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
-                            for r, tensors in rule_state.items() for key, t in tensors.items()}
-            server_state.update(self.engine.ledger.to_tensors())
-            workers = self.registry.export()
-        path = checkpoint.save_checkpoint(
-            self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
-            metadata={"model": self.config.model, "num_classes": self.config.num_classes,
-                      "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update,
-                      "workers": workers},
-            keep_last=self.config.keep_checkpoints,
-        )
+        with contextlib.ExitStack() as stack:
+            with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
+                snap = stack.enter_context(self.store.reading())  # the weights stay untouched until written
+                server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
+                                for r, tensors in self.store.rule_state_copy().items() for key, t in tensors.items()}
+                server_state.update(self.engine.ledger.to_tensors())
+                workers = self.registry.export()
+            path = checkpoint.save_checkpoint(
+                self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
+                metadata={"model": self.config.model, "num_classes": self.config.num_classes,
+                          "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update,
+                          "workers": workers},
+                keep_last=self.config.keep_checkpoints,
+            )
         self.last_checkpoint = str(path)
         log.info("checkpoint v%d written to %s", snap.version, path)
         return self.last_checkpoint
@@ -304,7 +309,8 @@ class PSServer:
                 self.checkpoint()
                 last_checkpoint = seen
             if self.evaluator and (self.evaluator.due(seen) or snap.done and self.evaluator.last_version != seen):
-                record = self.evaluator.run(seen, self.model_state(snap.regions))  # and always the final version
+                with self.store.reading() as current:  # and always the final version
+                    record = self.evaluator.run(current.version, self.model_state(current.regions))
                 self.metrics.evaluated(record)
             if snap.done:
                 break

@@ -99,12 +99,13 @@ class ParameterServerServicer:
         chunk_bytes: payload bytes per chunk sent, and the most accepted per chunk.
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
+        staging_sets: pushes received at once (each into a buffer set of the wire layout's size).
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32):
+                 wire_dtype: torch.dtype = torch.float32, staging_sets: int = 1):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -129,7 +130,7 @@ class ParameterServerServicer:
         self.wire_layout = self.layout.on_wire(wire_dtype)
         self._wire_cache = (-1, None)  # (version, regions converted for the wire): one conversion per version
         self._wire_cache_lock = threading.Lock()
-        self._staging = StagingPool(self.wire_layout.empty_regions)
+        self._staging = StagingPool(self.wire_layout.empty_regions, keep=staging_sets, limit=staging_sets)
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -195,14 +196,14 @@ class ParameterServerServicer:
             self.registry.touch(request.worker_id)  # a pull renews the lease like a heartbeat
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
-        snap = self.store.wait_for_version(request.min_version, wait)
-        yield pb.PullMessage(header=pb.PullHeader(
-            version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
-        if snap.version < request.min_version:
-            return  # header only: not there yet, ask again
-        self.engine.on_pull(request.worker_id, snap.version)
-        yield from codec.encoded_chunks(self.wire_layout, self._wire_regions(snap), self._all_regions,
-                                        self.chunk_bytes)
+        with self.store.reading(request.min_version, wait) as snap:  # its memory is not reused while we stream
+            yield pb.PullMessage(header=pb.PullHeader(
+                version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
+            if snap.version < request.min_version:
+                return  # header only: not there yet, ask again
+            self.engine.on_pull(request.worker_id, snap.version)
+            yield from codec.encoded_chunks(self.wire_layout, self._wire_regions(snap), self._all_regions,
+                                            self.chunk_bytes)
         self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
 
     def _wire_regions(self, snap) -> list:
@@ -294,7 +295,7 @@ class ParameterServerServicer:
         assembler.finish()
         if not codec.all_finite(staged, self._all_regions):
             raise InvalidArgument("push contains NaN or infinite values; nothing was applied")
-        staged = codec.from_wire(staged, self.layout)
+        # A bf16/fp16 push stays in its wire dtype: the engine accumulates it into fp32 sums directly.
         if header.dry_run:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,

@@ -1,15 +1,20 @@
 """ParameterStore: the global model as flat regions, its version, and optimizer state.
 
-Published regions are never written in place: an update publishes new tensors and
-bumps the version, so a pull can stream a consistent snapshot without holding a
-lock while bytes go out. No gRPC here.
+Published regions are never written while anyone reads them: an update publishes
+new tensors and bumps the version, so a pull can stream a consistent snapshot
+without holding a lock while bytes go out. Readers say when they are done
+(``reading``), so the memory of a version nobody reads any more can be recycled
+for a later update (``reclaim``) instead of allocating the model's size again
+every version. No gRPC here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
+from typing import Iterator
 
 import torch
 
@@ -46,6 +51,9 @@ class ParameterStore:
         # Optimizer tensors per PARAM region index: {region: {"momentum_buffer": tensor}}.
         self.rule_state: dict[int, dict[str, torch.Tensor]] = {r: dict(s) for r, s in (rule_state or {}).items()}
         self._changed = threading.Condition()
+        self._readers: dict[int, int] = {}  # version -> readers inside ``reading``
+        self._retired: dict[int, list[torch.Tensor]] = {}  # old versions' regions still being read
+        self._spare: list[torch.Tensor | None] | None = None  # an old version's regions nobody reads
 
     @property
     def version(self) -> int:
@@ -58,18 +66,59 @@ class ParameterStore:
             return self._done
 
     def snapshot(self) -> Snapshot:
-        """The current version's regions (never modified afterwards)."""
+        """The current version and its regions.
+
+        The regions stay untouched while the caller holds ``lock``; to read them
+        outside it (stream, save, evaluate), use ``reading``: once the version is
+        superseded, its memory may be reused.
+        """
         with self._changed:
             return Snapshot(self._version, self._regions, self._done)
+
+    @contextlib.contextmanager
+    def reading(self, min_version: int = 0, timeout: float = 0.0) -> Iterator[Snapshot]:
+        """A snapshot whose regions stay untouched until the block ends.
+
+        Waits like ``wait_for_version`` (up to ``timeout`` for ``min_version``);
+        the snapshot may be older when the wait ends first.
+        """
+        with self._changed:
+            snap = self.wait_for_version(min_version, timeout)
+            self._readers[snap.version] = self._readers.get(snap.version, 0) + 1
+        try:
+            yield snap
+        finally:
+            with self._changed:
+                self._readers[snap.version] -= 1
+                if not self._readers[snap.version]:
+                    del self._readers[snap.version]
+                    if snap.version in self._retired:
+                        self._spare = self._retired.pop(snap.version)
 
     def publish(self, regions: list[torch.Tensor]) -> int:
         """Installs new regions as the next version and wakes waiters; returns the new version."""
         self.layout.check_regions(regions)
         with self._changed:
+            kept = {t.data_ptr() for t in regions}  # a tensor carried into the new version is not spare
+            old = [None if t.data_ptr() in kept else t for t in self._regions]
+            if self._readers.get(self._version):
+                self._retired[self._version] = old
+            else:
+                self._spare = old
             self._regions = regions
             self._version += 1
             self._changed.notify_all()
             return self._version
+
+    def reclaim(self) -> list[torch.Tensor | None] | None:
+        """The regions of an older version that nothing reads any more, for reuse (each set once).
+
+        None when there is none (a reader still holds every old version). A region
+        the current version still uses is None in the list.
+        """
+        with self._changed:
+            spare, self._spare = self._spare, None
+            return spare
 
     def finish(self) -> None:
         """Marks the run done and wakes every waiter."""
@@ -98,11 +147,10 @@ class ParameterStore:
         """Waits up to ``timeout`` for a version newer than ``after_version`` or for done."""
         return self.wait_for_version(after_version + 1, timeout)
 
-    def checkpoint_state(self) -> tuple[Snapshot, dict[int, dict[str, torch.Tensor]]]:
-        """A consistent (snapshot, copy of optimizer state) pair for a checkpoint."""
+    def rule_state_copy(self) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of the optimizer state (take it under ``lock`` with a snapshot, for a checkpoint)."""
         with self._changed:
-            state = {r: {k: v.clone() for k, v in tensors.items()} for r, tensors in self.rule_state.items()}
-            return Snapshot(self._version, self._regions, self._done), state
+            return {r: {k: v.clone() for k, v in tensors.items()} for r, tensors in self.rule_state.items()}
 
     @property
     def lock(self) -> threading.Condition:

@@ -83,6 +83,24 @@ def test_sgd_step_never_writes_params_or_grad(config):
         params = new_params
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{momentum}-wd{weight_decay}-n{nesterov}".format(**c))
+def test_sgd_step_into_the_gradient_matches_torch(config):
+    """The server writes the new weights over the averaged gradient: same result as a fresh tensor."""
+    start, grads = random_problem(seed=7, size=65, steps=4)
+    expected = torch_sgd_trajectory(start, grads, lr=0.05, **config)
+    params, buf = start.clone(), None
+    for step, g in enumerate(grads):
+        old_params = params.clone()
+        grad = g.clone()
+        new_params, buf = sgd_step(params, grad, buf, lr=0.05, out=grad, **config)
+        assert new_params.data_ptr() == grad.data_ptr()
+        assert torch.equal(params, old_params)
+        if buf is not None:
+            assert buf.data_ptr() != grad.data_ptr()
+        torch.testing.assert_close(new_params, expected[step], rtol=1e-6, atol=1e-7)
+        params = new_params
+
+
 def test_sgd_rule_keeps_momentum_across_calls():
     start, grads = random_problem(seed=3, size=16, steps=4)
     config = dict(momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -137,7 +155,7 @@ def test_weighted_mean_matches_plain_torch():
     for tensors, w in zip(contributions, weights):
         mean.add(tensors, w)
     assert mean.count == 4 and mean.total_weight == sum(weights)
-    got = mean.mean()
+    got = mean.mean_()
     for i in range(2):
         stacked = torch.stack([c[i].double() for c in contributions])
         w = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
@@ -156,14 +174,14 @@ def test_weighted_mean_property(seed, n, size, weights):
     for x, w in zip(xs, weights):
         mean.add([x], float(w))
     expected = sum(w * x.double() for x, w in zip(xs, weights)) / sum(weights[:n])
-    torch.testing.assert_close(mean.mean()[0], expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.mean_()[0], expected.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_weighted_mean_of_one_tensor_is_that_tensor():
     x = torch.randn(7, generator=torch.Generator().manual_seed(5))
     mean = WeightedMean([x])
     mean.add([x], 4.0)  # a power of two: exact in float32
-    assert torch.equal(mean.mean()[0], x)
+    assert torch.equal(mean.mean_()[0], x)
 
 
 def test_weighted_mean_rounds_integers():
@@ -171,21 +189,50 @@ def test_weighted_mean_rounds_integers():
     mean = WeightedMean(like)
     mean.add([torch.zeros(3), torch.tensor([10, 1, 100], dtype=torch.int64)], 1.0)
     mean.add([torch.ones(3), torch.tensor([13, 2, 103], dtype=torch.int64)], 2.0)
-    floats, ints = mean.mean()
+    floats, ints = mean.mean_()
     assert ints.dtype == torch.int64
     # (10 + 26) / 3 = 12, (1 + 4) / 3 = 1.67 -> 2, (100 + 206) / 3 = 102
     assert ints.tolist() == [12, 2, 102]
     torch.testing.assert_close(floats, torch.full((3,), 2 / 3))
 
 
-def test_weighted_mean_does_not_alias_inputs_or_results():
+def test_weighted_mean_does_not_alias_inputs_and_hands_over_its_means():
     x = torch.ones(4)
     mean = WeightedMean([x])
     mean.add([x], 1.0)
-    first = mean.mean()[0]
-    first.fill_(100.0)
     x.fill_(50.0)
-    assert torch.equal(mean.mean()[0], torch.ones(4))
+    first = mean.mean_()[0]
+    assert torch.equal(first, torch.ones(4))
+    mean.reset()  # the handed-over mean is no longer the sums: writing it changes nothing
+    first.fill_(100.0)
+    mean.add([torch.full((4,), 3.0)], 1.0)
+    assert torch.equal(mean.mean_()[0], torch.full((4,), 3.0))
+
+
+def test_weighted_mean_reuses_spare_memory_that_fits():
+    like = [torch.zeros(5), torch.zeros(2, dtype=torch.int64)]
+    mean = WeightedMean(like)
+    mean.add([torch.ones(5), torch.ones(2, dtype=torch.int64)], 1.0)
+    floats, _ = mean.mean_()
+    spare = [torch.full((5,), 7.0), torch.full((3,), 7.0)]  # the second does not fit any region
+    mean.reset(spare)
+    mean.add([torch.full((5,), 2.0), torch.ones(2, dtype=torch.int64)], 1.0)
+    again, ints = mean.mean_()
+    assert again.data_ptr() == spare[0].data_ptr()  # zeroed, then used as the sums
+    assert torch.equal(again, torch.full((5,), 2.0)) and ints.tolist() == [1, 1]
+    assert torch.equal(floats, torch.ones(5))  # the earlier mean is untouched
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_weighted_mean_accumulates_narrow_dtypes_like_a_float32_copy(wire):
+    gen = torch.Generator().manual_seed(6)
+    size = WeightedMean._SLICE * 2 + 17  # several slices and a ragged end
+    pushes = [torch.randn(size, generator=gen).to(wire) for _ in range(3)]
+    mean = WeightedMean([torch.zeros(size)])
+    for i, p in enumerate(pushes):
+        mean.add([p], float(i + 1), [0.5])
+    expected = sum((i + 1) * 0.5 * p.float() for i, p in enumerate(pushes)) / 6.0
+    torch.testing.assert_close(mean.mean_()[0], expected)
 
 
 def test_weighted_mean_reset():
@@ -194,9 +241,9 @@ def test_weighted_mean_reset():
     mean.reset()
     assert mean.count == 0 and mean.total_weight == 0.0
     with pytest.raises(ValueError, match="nothing"):
-        mean.mean()
+        mean.mean_()
     mean.add([torch.tensor([1.0, 3.0])], 2.0)
-    assert mean.mean()[0].tolist() == [1.0, 3.0]
+    assert mean.mean_()[0].tolist() == [1.0, 3.0]
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, -1e-9])
@@ -206,12 +253,12 @@ def test_weighted_mean_rejects_non_positive_weight(weight):
     with pytest.raises(ValueError, match="positive"):
         mean.add([torch.full((2,), 9.0)], weight)
     assert mean.count == 1 and mean.total_weight == 1.0  # the refused add changed nothing
-    assert mean.mean()[0].tolist() == [1.0, 1.0]
+    assert mean.mean_()[0].tolist() == [1.0, 1.0]
 
 
 def test_weighted_mean_of_nothing_raises():
     with pytest.raises(ValueError, match="nothing"):
-        WeightedMean([torch.zeros(3)]).mean()
+        WeightedMean([torch.zeros(3)]).mean_()
 
 
 # -- AdamW, LR schedules, averaging and DiLoCo's outer step --------------------------
@@ -219,8 +266,8 @@ def test_weighted_mean_of_nothing_raises():
 
 @property_settings(25)
 @given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 64), steps=st.integers(1, 6),
-       lr=st.floats(1e-4, 0.1), weight_decay=st.sampled_from([0.0, 0.01, 0.1]))
-def test_adamw_rule_matches_torch_optim_adamw(seed, size, steps, lr, weight_decay):
+       lr=st.floats(1e-4, 0.1), weight_decay=st.sampled_from([0.0, 0.01, 0.1]), into_update=st.booleans())
+def test_adamw_rule_matches_torch_optim_adamw(seed, size, steps, lr, weight_decay, into_update):
     start, grads = random_problem(seed, size, steps)
     param = torch.nn.Parameter(start.clone())
     reference = torch.optim.AdamW([param], lr=lr, weight_decay=weight_decay, foreach=False)
@@ -229,8 +276,11 @@ def test_adamw_rule_matches_torch_optim_adamw(seed, size, steps, lr, weight_deca
         param.grad = g.clone()
         reference.step()
         before = weights.clone()
-        weights = rule.apply(weights, g, state, version)
-        assert not torch.equal(before, weights) or lr == 0
+        update = g.clone()
+        new = rule.apply(weights, update, state, version, out=update if into_update else None)
+        assert torch.equal(weights, before)  # never written in place: pulls may be streaming it
+        assert into_update == (new.data_ptr() == update.data_ptr())
+        weights = new
     torch.testing.assert_close(weights, param.detach(), rtol=1e-5, atol=1e-6)
     assert int(state["step"]) == steps
 
@@ -284,15 +334,18 @@ def test_plain_averaging_equals_the_mean_of_the_local_models(seed, size, workers
     mean = WeightedMean([base])
     for w, n in zip(local, samples):
         mean.add([w - base], n)
-    result = AveragingRule("none").apply(base, mean.mean()[0], {}, 0)
+    update = mean.mean_()[0]
+    result = AveragingRule("none").apply(base, update, {}, 0, out=update)
+    assert result.data_ptr() == update.data_ptr()
     expected = sum(w * n for w, n in zip(local, samples)) / sum(samples)
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 @property_settings(25)
 @given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 32), rounds=st.integers(1, 5),
-       outer_lr=st.floats(0.1, 1.0), outer_momentum=st.floats(0.0, 0.95))
-def test_diloco_outer_step_is_nesterov_sgd_on_the_negated_delta(seed, size, rounds, outer_lr, outer_momentum):
+       outer_lr=st.floats(0.1, 1.0), outer_momentum=st.floats(0.0, 0.95), into_update=st.booleans())
+def test_diloco_outer_step_is_nesterov_sgd_on_the_negated_delta(seed, size, rounds, outer_lr, outer_momentum,
+                                                                into_update):
     """DiLoCo's outer optimizer: torch.optim.SGD(nesterov=True) fed the pseudo-gradient w_base - w_local."""
     gen = torch.Generator().manual_seed(seed)
     param = torch.nn.Parameter(torch.randn(size, generator=gen))
@@ -303,7 +356,7 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_negated_delta(seed, size, roun
         delta = torch.randn(size, generator=gen)
         param.grad = -delta
         reference.step()
-        weights = rule.apply(weights, delta, state, version)
+        weights = rule.apply(weights, delta, state, version, out=delta if into_update else None)
     torch.testing.assert_close(weights, param.detach(), rtol=1e-5, atol=1e-6)
 
 

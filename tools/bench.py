@@ -290,14 +290,15 @@ def round_cmd(workers, wire_dtype, model, repeats, warmup, split_rounds, as_json
 @main.command("aggregate")
 @click.option("--workers", default=4, type=click.IntRange(min=1), help="N: pushes averaged per update.")
 @click.option("--model", default="resnet50", type=click.Choice(ARCHS), help="Whose layout and size.")
+@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="Dtype of the pushes.")
 @click.option("--repeats", default=7, type=click.IntRange(min=1), help="Timed rounds of each path.")
 @click.option("--warmup", default=1, type=click.IntRange(min=0), help="Untimed rounds of each path first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def aggregate(workers, model, repeats, warmup, as_json):
+def aggregate(workers, model, wire_dtype, repeats, warmup, as_json):
     """The server's update math (mean of N pushes, SGD) against copying the same bytes, interleaved."""
     keep_freed_memory_resident()  # as the server does
     setup_logging("WARNING")
-    result = bench_round.run_aggregate(model, workers, repeats, warmup)
+    result = bench_round.run_aggregate(model, workers, repeats, warmup, wire_dtype)
     click.echo(json.dumps(result) if as_json else bench_round.format_aggregate(result))
 
 

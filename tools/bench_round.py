@@ -391,51 +391,49 @@ def write_server_rss(path: str, runtime_kb: int) -> None:
 # -- ps-bench aggregate --------------------------------------------------------------
 
 
-def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int) -> dict:
-    """Times the engine's update math on N pushes against copying the same bytes; returns the figures.
+def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire_dtype: str = "fp32") -> dict:
+    """Times the engine's update on N pushes against copying the same bytes; returns the figures.
 
-    One aggregate: ``WeightedMean.add`` of each push (weight 1, per-region scales,
-    as ``ConsistencyEngine._accumulate``), then as ``_publish``: the mean, SGD
-    (momentum 0.9) on the parameter regions into fresh tensors, the buffers'
-    mean, and the accumulator's reset. One copy: ``copy_`` of each push into one
-    preallocated set of regions, so both read the same N × model bytes.
+    One aggregate is a sync round of the real engine (``SyncRounds`` over a
+    ``ParameterStore``, SGD with momentum 0.9) fed N already-received pushes in
+    the wire dtype: the pushes are added to the mean in place and the last one
+    closes the round (mean, SGD step, publish). One copy: ``copy_`` of each push
+    into one preallocated set of regions, so both read the same N × wire bytes.
     """
     import torch
 
-    from paramhub.common.layout import BUFFER, PARAM, Layout
+    from paramhub.common import codec
+    from paramhub.common.layout import Layout
     from paramhub.common.models import build_model
-    from paramhub.ps.rules import SGDRule, WeightedMean
+    from paramhub.common.pb import paramhub_pb2 as pb
+    from paramhub.ps.consistency import StagedPush, SyncRounds
+    from paramhub.ps.registry import WorkerRegistry
+    from paramhub.ps.rules import SGDRule
+    from paramhub.ps.store import ParameterStore
     from paramhub.tools.bench import NUM_CLASSES
 
     model = build_model(model_name, NUM_CLASSES)
     layout = Layout.from_model(model)
-    params = layout.flatten(model.state_dict())
+    store = ParameterStore(layout, layout.flatten(model.state_dict()))
     del model
+    wire_layout = layout.on_wire(codec.WIRE_DTYPES[wire_dtype])
     generator = torch.Generator().manual_seed(0)
     pushes = [[torch.randn(r.numel, generator=generator).mul_(GRADIENT_SCALE).to(r.dtype)
-               if r.dtype.is_floating_point else torch.zeros(r.numel, dtype=r.dtype) for r in layout.regions]
+               if r.dtype.is_floating_point else torch.zeros(r.numel, dtype=r.dtype) for r in wire_layout.regions]
               for _ in range(workers)]
-    param_regions, buffer_regions = layout.region_indices(PARAM), layout.region_indices(BUFFER)
-    rule = SGDRule(lr=0.1, momentum=0.9)
-    rule_state: dict[int, dict] = {}
-    mean = WeightedMean(params)
-    scales = [1.0] * len(layout.regions)
-    copies = layout.empty_regions()
-    state = {"params": params, "version": 0}
+    registry = WorkerRegistry(lease_timeout=3600.0)
+    ids = [registry.join(f"bench-{i}", 1, False, i).worker_id for i in range(workers)]
+    engine = SyncRounds(store, SGDRule(lr=0.1, momentum=0.9), registry, num_workers=workers)
+    copies = wire_layout.empty_regions()
 
     def aggregate_round() -> float:
+        version = store.version
         start = time.perf_counter()
-        for push in pushes:
-            mean.add(push, 1.0, scales)
-        averaged = mean.mean()
-        regions = list(state["params"])
-        for r in param_regions:
-            regions[r] = rule.apply(state["params"][r], averaged[r], rule_state.setdefault(r, {}), state["version"])
-        for r in buffer_regions:
-            regions[r] = averaged[r]
-        mean.reset()
+        for worker_id, push in zip(ids, pushes):
+            engine.submit(StagedPush(worker_id, 1, version + 1, version, pb.PUSH_KIND_GRADIENT, 1, 0.0, push))
         elapsed = time.perf_counter() - start
-        state["params"], state["version"] = regions, state["version"] + 1
+        if store.version != version + 1:
+            raise click.ClickException(f"the round did not close (version {store.version})")
         return elapsed
 
     def copy_round() -> float:
@@ -456,17 +454,18 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int) -> d
         aggregate_s.append(aggregate_round())
         if not i % 2:
             copy_s.append(copy_round())
-    if not all(torch.isfinite(r).all() for r in state["params"] if r.is_floating_point()):
+    if not codec.all_finite(store.snapshot().regions, list(range(len(layout.regions)))):
         raise click.ClickException("the aggregated weights are not finite")
 
-    read = workers * layout.nbytes
+    read = workers * wire_layout.nbytes
     return {
         "ratio": _median_ratio(aggregate_s, copy_s),
         "aggregate_s": statistics.median(aggregate_s),
         "copy_s": statistics.median(copy_s),
         "model": model_name,
         "workers": workers,
-        "bytes": layout.nbytes,
+        "wire_dtype": wire_dtype,
+        "bytes": wire_layout.nbytes,
         "repeats": repeats,
         "warmup": warmup,
         "threads": torch.get_num_threads(),
@@ -483,7 +482,8 @@ def format_aggregate(r: dict) -> str:
     """The aggregate report as text."""
     read = r["workers"] * r["bytes"]
     return "\n".join([
-        f"aggregate: {r['model']}, {r['workers']} pushes of {r['bytes'] / 1e6:.1f} MB, {r['repeats']} interleaved "
+        f"aggregate: {r['model']}, {r['workers']} {r['wire_dtype']} pushes of {r['bytes'] / 1e6:.1f} MB, "
+        f"{r['repeats']} interleaved "
         f"repeats after {r['warmup']} warm-up, {r['threads']} torch threads, {r['cpus']} CPUs",
         f"  mean + SGD (momentum)   median {r['aggregate_s'] * 1e3:8.1f} ms  ({read / r['aggregate_s'] / 1e9:.2f} GB/s "
         f"of pushes, {r['aggregate_ns_per_byte']:.3f} ns per byte)",

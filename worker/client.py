@@ -95,6 +95,9 @@ class PSClient:
             response_deserializer=pb.PushResponse.FromString)
         self.info: JoinInfo | None = None
         self._sequence = 0
+        # Buffers of the wire layout, reused by every push and pull with a bf16/fp16 wire: a fresh
+        # set per transfer made the kernel hand out and zero the pages again each time.
+        self._wire_buffers: dict[tuple[str, str], list] = {}
 
     def close(self) -> None:
         """Closes the channel."""
@@ -169,12 +172,19 @@ class PSClient:
         wire = info.wire_layout
         if wire is info.layout:
             return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
-        received = wire.empty_regions()
+        received = self._wire_buffer("pull", wire)
         header = self._retrying("pull", lambda: self._pull_once(request, received, wire))
         if header.version >= min_version:
             for dst, src in zip(regions, received):
                 dst.copy_(src)  # back to the model's dtypes
         return header
+
+    def _wire_buffer(self, purpose: str, wire: Layout) -> list:
+        """The reused regions of ``wire`` for pushes or for pulls (one push and one pull at a time)."""
+        key = (purpose, wire.hash)
+        if key not in self._wire_buffers:
+            self._wire_buffers[key] = wire.empty_regions()
+        return self._wire_buffers[key]
 
     def pull_frozen(self, regions: list) -> pb.PullHeader:
         """Streams the frozen tensors (``info.frozen_layout``) into ``regions``; needed once per run."""
@@ -231,7 +241,9 @@ class PSClient:
             for r, (indices, values) in (sparse or {}).items():
                 yield from codec.encoded_sparse_chunks(r, indices, values.to(wire.regions[r].dtype), chunk_bytes)
                 dense.remove(r)
-            chunks = codec.encoded_chunks(wire, codec.to_wire(regions, wire), dense, chunk_bytes)
+            on_wire = [r if r.dtype == b.dtype else b.copy_(r)
+                       for r, b in zip(regions, self._wire_buffer("push", wire))] if wire is not info.layout else regions
+            chunks = codec.encoded_chunks(wire, on_wire, dense, chunk_bytes)
             if faults.die_mid_push(header.sequence):
                 chunks = list(chunks)
                 yield from chunks[: len(chunks) // 2]  # never the whole push: nothing may be applied
