@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from typing import Callable, Iterator
 
 import numpy as np
@@ -102,6 +103,16 @@ def region_bytes(flat: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def chunk_spans(layout: Layout, region_ids: list[int] | None = None,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tuple[int, int, int]]:
+    """(region, first element, element count) of each chunk: at most ``chunk_bytes`` in ``layout``'s dtypes."""
+    for r in range(len(layout.regions)) if region_ids is None else region_ids:
+        spec = layout.regions[r]
+        step = max(1, chunk_bytes // dtype_size(spec.dtype))
+        for start in range(0, spec.numel, step):
+            yield r, start, min(step, spec.numel - start)
+
+
 def iter_chunks(
     layout: Layout,
     regions: list[torch.Tensor],
@@ -109,12 +120,11 @@ def iter_chunks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[tuple[int, int, memoryview]]:
     """Splits regions into (region, element offset, byte view) pieces of at most ``chunk_bytes``."""
-    for r in range(len(layout.regions)) if region_ids is None else region_ids:
+    views: dict[int, memoryview] = {}
+    for r, start, count in chunk_spans(layout, region_ids, chunk_bytes):
+        view = views.get(r) or views.setdefault(r, region_bytes(regions[r]))
         elem = dtype_size(layout.regions[r].dtype)
-        step = max(elem, chunk_bytes - chunk_bytes % elem)
-        view = region_bytes(regions[r])
-        for start in range(0, len(view), step):
-            yield r, start // elem, view[start : start + step]
+        yield r, start, view[start * elem : (start + count) * elem]
 
 
 def encoded_chunks(
@@ -198,25 +208,22 @@ decode_push_message = make_decoder(pb.PushMessage)
 decode_pull_message = make_decoder(pb.PullMessage)
 
 
-class RegionAssembler:
-    """Writes a stream of chunks into flat region buffers, checking every byte.
+class _ChunksInOrder:
+    """Checks that a stream of chunks covers the given regions exactly once, in order.
 
     Chunks of a region must arrive in order and without gaps or overlaps, regions
     in the order given; ``finish`` checks that every expected byte arrived. Any
-    violation raises ``MalformedMessage`` and the caller discards the buffers.
+    violation raises ``MalformedMessage``.
     """
 
-    def __init__(self, layout: Layout, regions: list[torch.Tensor], region_ids: list[int]):
-        layout.check_regions(regions)
+    def __init__(self, layout: Layout, region_ids: list[int]):
         self._layout = layout
-        self._regions = regions
         self._order = list(region_ids)
         self._position = 0  # index into _order of the region being filled
         self._filled = 0  # bytes filled in that region
-        self._dest = {r: regions[r].view(torch.uint8).numpy() for r in region_ids}
 
-    def add(self, chunk: Chunk) -> None:
-        """Copies one chunk's payload into its place."""
+    def _place(self, chunk: Chunk) -> tuple[int, int]:
+        """Checks one chunk and accounts for it; returns (region, byte offset) where it goes."""
         self._skip_full_regions()
         if self._position >= len(self._order):
             raise MalformedMessage(f"chunk for region {chunk.region} after all regions were complete")
@@ -235,8 +242,8 @@ class RegionAssembler:
             raise MalformedMessage(f"region {spec.name}: chunk of {n} bytes is not a whole number of {spec.dtype}")
         if start + n > spec.nbytes:
             raise MalformedMessage(f"region {spec.name}: chunk runs past the region's {spec.nbytes} bytes")
-        self._dest[r][start : start + n] = np.frombuffer(chunk.data, dtype=np.uint8)
         self._filled += n
+        return r, start
 
     def _skip_full_regions(self) -> None:
         while self._position < len(self._order) and self._filled == self._layout.regions[self._order[self._position]].nbytes:
@@ -249,6 +256,84 @@ class RegionAssembler:
         if self._position < len(self._order):
             spec = self._layout.regions[self._order[self._position]]
             raise MalformedMessage(f"stream ended with region {spec.name} at {self._filled} of {spec.nbytes} bytes")
+
+
+class RegionAssembler(_ChunksInOrder):
+    """Writes a stream of chunks into flat region buffers, checking every byte (a pull's receiver)."""
+
+    def __init__(self, layout: Layout, regions: list[torch.Tensor], region_ids: list[int]):
+        layout.check_regions(regions)
+        super().__init__(layout, region_ids)
+        self._dest = {r: regions[r].view(torch.uint8).numpy() for r in region_ids}
+
+    def add(self, chunk: Chunk) -> None:
+        """Copies one chunk's payload into its place."""
+        r, start = self._place(chunk)
+        self._dest[r][start : start + len(chunk.data)] = np.frombuffer(chunk.data, dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Part of one region of a received update: ``values`` for the elements from ``offset``
+    on, or, when ``indices`` is set (a sparse push), for those elements."""
+
+    region: int
+    values: torch.Tensor
+    offset: int = 0
+    indices: torch.Tensor | None = None
+
+
+def whole_regions(tensors: list[torch.Tensor]) -> list[Piece]:
+    """Full region tensors as pieces (one per region)."""
+    return [Piece(r, t) for r, t in enumerate(tensors)]
+
+
+NOT_FINITE = "push contains NaN or infinite values; nothing was applied"
+
+
+def finite(values: torch.Tensor) -> bool:
+    """True unless a floating ``values`` holds NaN or ±inf.
+
+    One min/max pass: if the extremes are finite, so is everything between (and a
+    NaN makes them NaN). ``isfinite(x).all()`` measured several times slower on
+    100 MB, as it materialises full-size temporaries.
+    """
+    if not values.is_floating_point() or not values.numel():
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+# Received bytes are viewed as tensors without a copy. torch warns (once) that it
+# cannot mark such a tensor read-only; nothing writes to them: pushes are only read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
+
+def _values(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8)).view(dtype)
+
+
+class PieceCollector(_ChunksInOrder):
+    """A push's receiver: checks a stream of chunks like ``RegionAssembler`` but copies nothing.
+
+    Each chunk becomes a ``Piece`` viewing the received bytes, checked for NaN and
+    infinity while it is still in the cache; the engine later adds the pieces to
+    its sums, so the push's bytes are read once after they arrive.
+    """
+
+    def __init__(self, layout: Layout, region_ids: list[int]):
+        super().__init__(layout, region_ids)
+        self.pieces: list[Piece] = []
+
+    def add(self, chunk: Chunk) -> None:
+        """Checks one chunk and keeps a view of its payload."""
+        r, start = self._place(chunk)
+        dtype = self._layout.regions[r].dtype
+        values = _values(chunk.data, dtype)
+        if not finite(values):
+            raise MalformedMessage(NOT_FINITE)
+        self.pieces.append(Piece(r, values, start // dtype_size(dtype)))
 
 
 # -- sparse updates (top-k) ------------------------------------------------------------
@@ -266,23 +351,21 @@ def encoded_sparse_chunks(region: int, indices: torch.Tensor, values: torch.Tens
         yield pb.PushMessage(chunk=pb.TensorChunk(region=region, data=val, indices=idx)).SerializeToString()
 
 
-class SparseAssembler:
-    """Scatters sparse chunks into zeroed regions, checking indices and sizes.
+class SparseCollector:
+    """Checks sparse chunks (indices and sizes) and keeps them as pieces.
 
     Indices must be strictly increasing within a region (so no element is set
     twice) and inside it; each chunk needs as many values as indices.
     """
 
-    def __init__(self, layout: Layout, regions: list[torch.Tensor], region_ids: list[int]):
+    def __init__(self, layout: Layout, region_ids: list[int]):
         self._layout = layout
-        self._regions = regions
         self._allowed = set(region_ids)
         self._last: dict[int, int] = {}
-        for r in region_ids:
-            regions[r].zero_()
+        self.pieces: list[Piece] = []
 
     def add(self, chunk: Chunk) -> None:
-        """Writes one sparse chunk's values at its indices."""
+        """Checks one sparse chunk and keeps its indices and values."""
         r = chunk.region
         if r not in self._allowed:
             raise MalformedMessage(f"sparse chunk for region {r}, which does not take sparse updates")
@@ -290,35 +373,16 @@ class SparseAssembler:
         elem = dtype_size(spec.dtype)
         if len(chunk.indices) % 4 or len(chunk.data) != len(chunk.indices) // 4 * elem or not chunk.indices:
             raise MalformedMessage(f"region {spec.name}: sparse chunk needs one {spec.dtype} value per uint32 index")
-        indices = torch.frombuffer(bytearray(chunk.indices), dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+        indices = _values(chunk.indices, torch.int32).to(torch.int64) & 0xFFFFFFFF
         if int(indices[0]) <= self._last.get(r, -1) or (len(indices) > 1 and not bool((indices.diff() > 0).all())):
             raise MalformedMessage(f"region {spec.name}: sparse indices must be strictly increasing")
         if int(indices[-1]) >= spec.numel:
             raise MalformedMessage(f"region {spec.name}: sparse index {int(indices[-1])} beyond {spec.numel}")
-        values = torch.frombuffer(bytearray(chunk.data), dtype=spec.dtype)
-        self._regions[r][indices] = values
+        values = _values(chunk.data, spec.dtype)
+        if not finite(values):
+            raise MalformedMessage(NOT_FINITE)
+        self.pieces.append(Piece(r, values, indices=indices))
         self._last[r] = int(indices[-1])
 
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def to_wire(regions: list[torch.Tensor], wire_layout: Layout) -> list[torch.Tensor]:
-    """Regions converted to the wire layout's dtypes (the same tensors where nothing changes)."""
-    return [r if r.dtype == spec.dtype else r.to(spec.dtype) for r, spec in zip(regions, wire_layout.regions)]
-
-
-def all_finite(regions: list[torch.Tensor], region_ids: list[int]) -> bool:
-    """True when no floating element of the given regions is NaN or infinite.
-
-    One min/max pass per region: if the extremes are finite, so is everything
-    between (and a NaN makes them NaN). ``isfinite(x).all()`` measured several
-    times slower on 100 MB, as it materialises full-size temporaries.
-    """
-    for r in region_ids:
-        region = regions[r]
-        if region.is_floating_point() and region.numel():
-            low, high = torch.aminmax(region)
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                return False
-    return True

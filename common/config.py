@@ -82,8 +82,8 @@ class ServerConfig:
     partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
     topk_ratio: float = 0.0  # workers push only this fraction of each update (top-k, error feedback); 0: dense
     max_threads: int = 32
-    # pushes received at once, each into a buffer of the model's wire size (more wait, at most a second)
-    staging_sets: int = 1
+    # pushes received and held at once, each up to the model's wire size (more wait, at most a second)
+    concurrent_pushes: int = 1
     # read-only HTTP endpoints on host: Prometheus /metrics and the status page (None: off; 0: a free port)
     metrics_port: int | None = None
     http_port: int | None = None

@@ -20,8 +20,8 @@ import threading
 import time
 from typing import Callable
 
-import torch
 
+from paramhub.common.codec import Piece
 from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.errors import FailedPrecondition, Unavailable
@@ -45,7 +45,7 @@ class StagedPush:
     kind: int
     num_samples: int
     loss: float
-    regions: list[torch.Tensor]
+    pieces: list[Piece]  # the update's values, as received (codec.whole_regions for full tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +183,8 @@ class ConsistencyEngine:
         """
         staleness = self.store.version - push.base_version
         scale = damping_scale(staleness) if self.damping else 1.0
-        per_region = [scale if r in self._param_regions else 1.0 for r in range(len(push.regions))]
-        self._mean.add(push.regions, float(push.num_samples), per_region)
+        per_region = [scale if r in self._param_regions else 1.0 for r in range(len(self.store.layout.regions))]
+        self._mean.add(push.pieces, float(push.num_samples), per_region)
         self._losses.append(push.loss)
         return LedgerEntry(0, push.worker_id, push.sequence, push.base_version, staleness, scale, push.num_samples)
 

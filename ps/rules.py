@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from paramhub.common.codec import Piece
 from paramhub.common.config import OUTER_OPTIMIZERS, SCHEDULES
 
 
@@ -233,22 +234,29 @@ class WeightedMean:
         numel, dtype = self._like[r]
         return torch.empty(numel, dtype=dtype if dtype.is_floating_point else torch.float64)
 
-    def add(self, tensors: list[torch.Tensor], weight: float, scales: list[float] | None = None) -> None:
-        """Adds ``weight`` × each tensor (times its entry in ``scales``, if given) to the running sums.
+    def add(self, pieces: list[Piece], weight: float, scales: list[float] | None = None) -> None:
+        """Adds ``weight`` × each piece (times ``scales`` of its region, if given) to the running sums.
 
-        ``scales`` damps some tensors (stale updates) without changing their weight
-        in the mean of the others (BatchNorm statistics). Tensors may have a
-        narrower floating dtype than the sums (a bf16 wire): no full-size copy is made.
+        ``scales`` damps some regions (stale updates) without changing their weight
+        in the mean of the others (BatchNorm statistics). Values may have a
+        narrower floating dtype than the sums (a bf16 wire): no full-size copy is
+        made. Sparse pieces add at their indices.
         """
         if weight <= 0:
             raise ValueError(f"weight must be positive, got {weight}")
-        for i, (acc, t) in enumerate(zip(self._sums, tensors)):
-            alpha = weight * (scales[i] if scales else 1.0)
-            if t.dtype == acc.dtype:
-                acc.add_(t, alpha=alpha)
+        for piece in pieces:
+            acc = self._sums[piece.region]
+            alpha = weight * (scales[piece.region] if scales else 1.0)
+            values = piece.values
+            if piece.indices is not None:
+                acc.index_add_(0, piece.indices, values.to(acc.dtype), alpha=alpha)
+                continue
+            target = acc[piece.offset : piece.offset + values.numel()]
+            if values.dtype == acc.dtype:
+                target.add_(values, alpha=alpha)
             else:
-                for start in range(0, acc.numel(), self._SLICE):
-                    acc[start : start + self._SLICE].add_(t[start : start + self._SLICE], alpha=alpha)
+                for start in range(0, values.numel(), self._SLICE):
+                    target[start : start + self._SLICE].add_(values[start : start + self._SLICE], alpha=alpha)
         self.total_weight += weight
         self.count += 1
 

@@ -153,7 +153,7 @@ class PSServer:
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
             stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
-            staging_sets=config.staging_sets,
+            concurrent_pushes=config.concurrent_pushes,
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(

@@ -22,11 +22,12 @@ import torch
 from paramhub.common import codec
 from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.ps.admission import PushAdmission
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
-from paramhub.ps.staging import StagingPool
+from paramhub.ps.pull_cache import PullCache
 
 log = logging.getLogger("paramhub.ps")
 SERVICE = "paramhub.v1.ParameterServer"
@@ -61,7 +62,7 @@ class StallGuard:
 
     A client's own deadline ends a stalled push with DEADLINE_EXCEEDED on its
     side; this guard protects the server from clients that set none (or a
-    very long one): their stalled stream is cancelled and its staging memory freed.
+    very long one): their stalled stream is cancelled and the memory its chunks held freed.
     """
 
     def __init__(self, context, stall_s: float, what: str):
@@ -99,13 +100,13 @@ class ParameterServerServicer:
         chunk_bytes: payload bytes per chunk sent, and the most accepted per chunk.
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
-        staging_sets: pushes received at once (each into a buffer set of the wire layout's size).
+        concurrent_pushes: pushes received and held at once (each up to the wire layout's size).
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32, staging_sets: int = 1):
+                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -128,9 +129,8 @@ class ParameterServerServicer:
         self._all_regions = list(range(len(self.layout.regions)))
         self._param_regions = self.layout.region_indices(PARAM)
         self.wire_layout = self.layout.on_wire(wire_dtype)
-        self._wire_cache = (-1, None)  # (version, regions converted for the wire): one conversion per version
-        self._wire_cache_lock = threading.Lock()
-        self._staging = StagingPool(self.wire_layout.empty_regions, keep=staging_sets, limit=staging_sets)
+        self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)  # concurrent pulls share one encoding
+        self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -202,20 +202,8 @@ class ParameterServerServicer:
             if snap.version < request.min_version:
                 return  # header only: not there yet, ask again
             self.engine.on_pull(request.worker_id, snap.version)
-            yield from codec.encoded_chunks(self.wire_layout, self._wire_regions(snap), self._all_regions,
-                                            self.chunk_bytes)
+            yield from self._pull_cache.stream(snap.version, snap.regions)
         self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
-
-    def _wire_regions(self, snap) -> list:
-        """The snapshot's regions in the wire dtype, converted once per version for all pullers."""
-        if self.wire_layout is self.layout:
-            return snap.regions
-        with self._wire_cache_lock:
-            version, regions = self._wire_cache
-            if version != snap.version:
-                regions = codec.to_wire(snap.regions, self.wire_layout)
-                self._wire_cache = (snap.version, regions)
-            return regions
 
     def _pull_frozen(self) -> Iterator[object]:
         if self._frozen is None:
@@ -267,19 +255,18 @@ class ParameterServerServicer:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
                 pass
             return self._response(record.last_reply)
-        staged = self._staging.acquire()
+        ticket = self._admission.admit()
         try:
-            return self._receive_and_submit(header, record, messages, staged)
+            return self._receive_and_submit(header, record, messages)
         finally:
-            self._staging.release(staged)  # the engine has applied, accumulated or dropped it by now
+            self._admission.leave(ticket)  # the engine has applied, accumulated or dropped it by now
 
-    def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
-                            staged: list) -> pb.PushResponse:
+    def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object]) -> pb.PushResponse:
         # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
+        # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
-        sparse = codec.SparseAssembler(self.wire_layout, staged, sparse_ids)
-        assembler = codec.RegionAssembler(self.wire_layout, staged,
-                                          [r for r in self._all_regions if r not in sparse_ids])
+        sparse = codec.SparseCollector(self.wire_layout, sparse_ids)
+        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids])
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -293,9 +280,6 @@ class ParameterServerServicer:
             log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, record.name)
             raise
         assembler.finish()
-        if not codec.all_finite(staged, self._all_regions):
-            raise InvalidArgument("push contains NaN or infinite values; nothing was applied")
-        # A bf16/fp16 push stays in its wire dtype: the engine accumulates it into fp32 sums directly.
         if header.dry_run:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
@@ -303,7 +287,7 @@ class ParameterServerServicer:
         result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
             base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
-            loss=header.loss, regions=staged,
+            loss=header.loss, pieces=assembler.pieces + sparse.pieces,
         ))
         return self._response(result)
 

@@ -384,15 +384,30 @@ def test_assembler_checks_region_buffers():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_all_finite_catches_nan_and_inf(dtype, bad):
-    regions = [torch.ones(5, dtype=dtype), torch.arange(3, dtype=torch.int64)]
-    assert codec.all_finite(regions, [0, 1])
-    regions[0][3] = bad
-    assert not codec.all_finite(regions, [0, 1])
-    assert not codec.all_finite(regions, [0])
-    assert codec.all_finite(regions, [1])  # the bad region was not asked about
+def test_finite_catches_nan_and_inf(dtype, bad):
+    values = torch.ones(5, dtype=dtype)
+    assert codec.finite(values) and codec.finite(torch.arange(3))
+    values[3] = bad
+    assert not codec.finite(values)
 
 
-def test_all_finite_overflowing_half_precision():
-    assert not codec.all_finite([torch.tensor([1e5]).to(torch.float16)], [0])
-    assert codec.all_finite([torch.zeros(0)], [0])
+def test_finite_overflowing_half_precision():
+    assert not codec.finite(torch.tensor([1e5]).to(torch.float16))
+    assert codec.finite(torch.zeros(0))
+
+
+def test_piece_collector_views_the_received_bytes_and_checks_them():
+    layout = Layout.from_entries([("w", torch.float32, (6,), PARAM), ("n", torch.int64, (2,), BUFFER)])
+    regions = [torch.arange(6, dtype=torch.float32), torch.tensor([3, 4])]
+    messages = list(codec.encoded_chunks(layout, regions, chunk_bytes=16))
+    collector = codec.PieceCollector(layout, [0, 1])
+    for raw in messages:
+        collector.add(codec.decode_push_message(raw))
+    collector.finish()
+    assert [(p.region, p.offset, p.values.tolist()) for p in collector.pieces] == [
+        (0, 0, [0.0, 1.0, 2.0, 3.0]), (0, 4, [4.0, 5.0]), (1, 0, [3, 4])]
+    regions[0][5] = float("nan")
+    bad = codec.PieceCollector(layout, [0, 1])
+    bad.add(codec.decode_push_message(codec.encode_chunk(0, 0, codec.region_bytes(regions[0][:4]))))
+    with pytest.raises(MalformedMessage, match="NaN"):
+        bad.add(codec.decode_push_message(codec.encode_chunk(0, 4, codec.region_bytes(regions[0][4:]))))

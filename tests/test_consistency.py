@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from paramhub.common.codec import whole_regions
 from paramhub.common.layout import PARAM, Layout
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import AsyncEngine, StagedPush, SyncRounds
@@ -48,7 +49,7 @@ class Pusher:
     def __call__(self, worker_id: int, base: int, value: float, samples: int = 1) -> StagedPush:
         self.sequence[worker_id] = self.sequence.get(worker_id, 0) + 1
         return StagedPush(worker_id, 1, self.sequence[worker_id], base, pb.PUSH_KIND_GRADIENT, samples, 0.0,
-                          [torch.full((SIZE,), float(value))])
+                          whole_regions([torch.full((SIZE,), float(value))]))
 
 
 def weights(engine) -> torch.Tensor:

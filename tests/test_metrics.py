@@ -98,7 +98,9 @@ def test_drops_and_rejections_are_counted_by_reason_and_logged_as_events(start_s
     assert value(samples, "paramhub_pushes_dropped_total", reason="closed_round") == 1
     assert value(samples, "paramhub_pushes_rejected_total", reason="INVALID_ARGUMENT") == 1
     assert value(samples, "paramhub_pushes_rejected_total", reason="FAILED_PRECONDITION") == 1
-    assert value(samples, "paramhub_received_bytes_total") == 4 * a.info.layout.nbytes  # rejected pushes too
+    # Dropped and rejected pushes count too, each up to where it was refused: the NaN push at its
+    # first (and only) chunk, before counting it.
+    assert value(samples, "paramhub_received_bytes_total") == 3 * a.info.layout.nbytes
     dropped = [r for r in caplog.records if getattr(r, "event", None) == "push_dropped"]
     assert [(r.reason, r.worker, r.base_version, r.version) for r in dropped] == [("closed_round", "b", 0, 1)]
     events = [json.loads(line) for line in json_lines.getvalue().splitlines()]

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers_unit import property_settings
+from paramhub.common.codec import Piece, whole_regions
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, WeightedMean, sgd_step
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,7 +154,7 @@ def test_weighted_mean_matches_plain_torch():
     weights = [32.0, 8.0, 1.0, 17.0]
     mean = WeightedMean([t for t in contributions[0]])
     for tensors, w in zip(contributions, weights):
-        mean.add(tensors, w)
+        mean.add(whole_regions(tensors), w)
     assert mean.count == 4 and mean.total_weight == sum(weights)
     got = mean.mean_()
     for i in range(2):
@@ -172,7 +173,7 @@ def test_weighted_mean_property(seed, n, size, weights):
     xs = [torch.randn(size, generator=gen) * 10 for _ in range(n)]
     mean = WeightedMean([xs[0]])
     for x, w in zip(xs, weights):
-        mean.add([x], float(w))
+        mean.add(whole_regions([x]), float(w))
     expected = sum(w * x.double() for x, w in zip(xs, weights)) / sum(weights[:n])
     torch.testing.assert_close(mean.mean_()[0], expected.float(), rtol=1e-5, atol=1e-5)
 
@@ -180,15 +181,15 @@ def test_weighted_mean_property(seed, n, size, weights):
 def test_weighted_mean_of_one_tensor_is_that_tensor():
     x = torch.randn(7, generator=torch.Generator().manual_seed(5))
     mean = WeightedMean([x])
-    mean.add([x], 4.0)  # a power of two: exact in float32
+    mean.add(whole_regions([x]), 4.0)  # a power of two: exact in float32
     assert torch.equal(mean.mean_()[0], x)
 
 
 def test_weighted_mean_rounds_integers():
     like = [torch.zeros(3), torch.zeros(3, dtype=torch.int64)]
     mean = WeightedMean(like)
-    mean.add([torch.zeros(3), torch.tensor([10, 1, 100], dtype=torch.int64)], 1.0)
-    mean.add([torch.ones(3), torch.tensor([13, 2, 103], dtype=torch.int64)], 2.0)
+    mean.add(whole_regions([torch.zeros(3), torch.tensor([10, 1, 100], dtype=torch.int64)]), 1.0)
+    mean.add(whole_regions([torch.ones(3), torch.tensor([13, 2, 103], dtype=torch.int64)]), 2.0)
     floats, ints = mean.mean_()
     assert ints.dtype == torch.int64
     # (10 + 26) / 3 = 12, (1 + 4) / 3 = 1.67 -> 2, (100 + 206) / 3 = 102
@@ -199,24 +200,40 @@ def test_weighted_mean_rounds_integers():
 def test_weighted_mean_does_not_alias_inputs_and_hands_over_its_means():
     x = torch.ones(4)
     mean = WeightedMean([x])
-    mean.add([x], 1.0)
+    mean.add(whole_regions([x]), 1.0)
     x.fill_(50.0)
     first = mean.mean_()[0]
     assert torch.equal(first, torch.ones(4))
     mean.reset()  # the handed-over mean is no longer the sums: writing it changes nothing
     first.fill_(100.0)
-    mean.add([torch.full((4,), 3.0)], 1.0)
+    mean.add(whole_regions([torch.full((4,), 3.0)]), 1.0)
     assert torch.equal(mean.mean_()[0], torch.full((4,), 3.0))
+
+
+def test_weighted_mean_adds_pieces_and_sparse_pieces_like_the_dense_tensor():
+    """A push arrives as chunks (and top-k as index/value pairs): the same sums as the whole tensor."""
+    gen = torch.Generator().manual_seed(8)
+    dense = torch.randn(10, generator=gen)
+    indices = torch.tensor([1, 4, 9])
+    values = torch.randn(3, generator=gen)
+    pieces = [Piece(0, dense[:4], 0), Piece(0, dense[4:], 4), Piece(1, values.bfloat16(), indices=indices)]
+    mean = WeightedMean([torch.zeros(10), torch.zeros(10)])
+    mean.add(pieces, 2.0, [0.5, 1.0])
+    scattered = torch.zeros(10).index_put_((indices,), values.bfloat16().float())
+    mean.add(whole_regions([dense, scattered]), 2.0, [0.5, 1.0])
+    first, second = mean.mean_()
+    torch.testing.assert_close(first, dense * 0.5)
+    torch.testing.assert_close(second, scattered)
 
 
 def test_weighted_mean_reuses_spare_memory_that_fits():
     like = [torch.zeros(5), torch.zeros(2, dtype=torch.int64)]
     mean = WeightedMean(like)
-    mean.add([torch.ones(5), torch.ones(2, dtype=torch.int64)], 1.0)
+    mean.add(whole_regions([torch.ones(5), torch.ones(2, dtype=torch.int64)]), 1.0)
     floats, _ = mean.mean_()
     spare = [torch.full((5,), 7.0), torch.full((3,), 7.0)]  # the second does not fit any region
     mean.reset(spare)
-    mean.add([torch.full((5,), 2.0), torch.ones(2, dtype=torch.int64)], 1.0)
+    mean.add(whole_regions([torch.full((5,), 2.0), torch.ones(2, dtype=torch.int64)]), 1.0)
     again, ints = mean.mean_()
     assert again.data_ptr() == spare[0].data_ptr()  # zeroed, then used as the sums
     assert torch.equal(again, torch.full((5,), 2.0)) and ints.tolist() == [1, 1]
@@ -230,28 +247,28 @@ def test_weighted_mean_accumulates_narrow_dtypes_like_a_float32_copy(wire):
     pushes = [torch.randn(size, generator=gen).to(wire) for _ in range(3)]
     mean = WeightedMean([torch.zeros(size)])
     for i, p in enumerate(pushes):
-        mean.add([p], float(i + 1), [0.5])
+        mean.add(whole_regions([p]), float(i + 1), [0.5])
     expected = sum((i + 1) * 0.5 * p.float() for i, p in enumerate(pushes)) / 6.0
     torch.testing.assert_close(mean.mean_()[0], expected)
 
 
 def test_weighted_mean_reset():
     mean = WeightedMean([torch.zeros(2)])
-    mean.add([torch.tensor([100.0, 100.0])], 5.0)
+    mean.add(whole_regions([torch.tensor([100.0, 100.0])]), 5.0)
     mean.reset()
     assert mean.count == 0 and mean.total_weight == 0.0
     with pytest.raises(ValueError, match="nothing"):
         mean.mean_()
-    mean.add([torch.tensor([1.0, 3.0])], 2.0)
+    mean.add(whole_regions([torch.tensor([1.0, 3.0])]), 2.0)
     assert mean.mean_()[0].tolist() == [1.0, 3.0]
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, -1e-9])
 def test_weighted_mean_rejects_non_positive_weight(weight):
     mean = WeightedMean([torch.zeros(2)])
-    mean.add([torch.ones(2)], 1.0)
+    mean.add(whole_regions([torch.ones(2)]), 1.0)
     with pytest.raises(ValueError, match="positive"):
-        mean.add([torch.full((2,), 9.0)], weight)
+        mean.add(whole_regions([torch.full((2,), 9.0)]), weight)
     assert mean.count == 1 and mean.total_weight == 1.0  # the refused add changed nothing
     assert mean.mean_()[0].tolist() == [1.0, 1.0]
 
@@ -333,7 +350,7 @@ def test_plain_averaging_equals_the_mean_of_the_local_models(seed, size, workers
     samples = [float(s) for s in torch.randint(1, 10, (workers,), generator=gen)]
     mean = WeightedMean([base])
     for w, n in zip(local, samples):
-        mean.add([w - base], n)
+        mean.add(whole_regions([w - base]), n)
     update = mean.mean_()[0]
     result = AveragingRule("none").apply(base, update, {}, 0, out=update)
     assert result.data_ptr() == update.data_ptr()

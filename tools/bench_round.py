@@ -430,7 +430,8 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire
         version = store.version
         start = time.perf_counter()
         for worker_id, push in zip(ids, pushes):
-            engine.submit(StagedPush(worker_id, 1, version + 1, version, pb.PUSH_KIND_GRADIENT, 1, 0.0, push))
+            engine.submit(StagedPush(worker_id, 1, version + 1, version, pb.PUSH_KIND_GRADIENT, 1, 0.0,
+                                     codec.whole_regions(push)))
         elapsed = time.perf_counter() - start
         if store.version != version + 1:
             raise click.ClickException(f"the round did not close (version {store.version})")
@@ -454,7 +455,7 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire
         aggregate_s.append(aggregate_round())
         if not i % 2:
             copy_s.append(copy_round())
-    if not codec.all_finite(store.snapshot().regions, list(range(len(layout.regions)))):
+    if not all(codec.finite(r) for r in store.snapshot().regions):
         raise click.ClickException("the aggregated weights are not finite")
 
     read = workers * wire_layout.nbytes
