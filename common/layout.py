@@ -98,8 +98,13 @@ class Layout:
             names: if given, only these state_dict keys are laid out (fine-tuning
                 a head sends only the head).
         """
-        param_names = {name for name, _ in model.named_parameters()}
-        state = model.state_dict()
+        return cls.from_state(model.state_dict(), {name for name, _ in model.named_parameters()}, names)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], param_names: Iterable[str],
+                   names: Iterable[str] | None = None) -> "Layout":
+        """``from_model`` given the model's state_dict and the names of its parameters."""
+        param_names = set(param_names)
         wanted = set(state) if names is None else set(names)
         unknown = wanted - set(state)
         if unknown:

@@ -6,8 +6,11 @@ the backbone.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import multiprocessing
+
 import torch
-import torchvision
 from torch import nn
 
 # Architectures we test. Any torchvision classification model with a ``fc`` head
@@ -52,6 +55,8 @@ def build_model(arch: str, num_classes: int, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         if arch == "mlp":
             return SmallMLP(num_classes)
+        import torchvision  # here, not at the top: a process that never builds a model is 164 MB lighter
+
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -117,3 +122,54 @@ def load_initial_weights(model: nn.Module, path: str, new_head: bool) -> None:
             hint = " (a different number of classes? add --new-head)" if name in head else ""
             raise WeightsError(f"{name}: {tuple(tensor.shape)} in {path}, {tuple(own[name].shape)} in the model{hint}")
     model.load_state_dict(state, strict=not new_head)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialState:
+    """What the server needs of a model: its initial state_dict, which keys are parameters, its head."""
+
+    state: dict[str, torch.Tensor]
+    param_names: frozenset[str]
+    head: list[str]
+
+
+def initial_state(arch: str, num_classes: int, seed: int = 0, init_from: str | None = None,
+                  new_head: bool = False) -> InitialState:
+    """Builds the model (``build_model``), loads ``init_from`` if given, and keeps its state.
+
+    Raises:
+        ValueError, WeightsError: as ``build_model`` and ``load_initial_weights``.
+    """
+    model = build_model(arch, num_classes, seed)
+    if init_from:
+        load_initial_weights(model, init_from, new_head)
+    return InitialState(model.state_dict(), frozenset(name for name, _ in model.named_parameters()),
+                        head_names(model))
+
+
+def _initial_state_bytes(arch: str, num_classes: int, seed: int, init_from: str | None,
+                         new_head: bool) -> tuple[bytes, list[str], list[str], list[str]]:
+    from safetensors.torch import save
+
+    built = initial_state(arch, num_classes, seed, init_from, new_head)
+    blob = save({k: v.contiguous() for k, v in built.state.items()})
+    return blob, list(built.state), sorted(built.param_names), built.head  # safetensors sorts the keys
+
+
+def initial_state_in_child(arch: str, num_classes: int, seed: int = 0, init_from: str | None = None,
+                           new_head: bool = False) -> InitialState:
+    """``initial_state`` computed in a short-lived child process.
+
+    Building a torchvision model imports torchvision, which imports torch._dynamo and
+    sympy: 164 MB that a server process would keep resident for its whole run
+    without using them again. The child pays that and hands back the tensors
+    (safetensors bytes over a pipe); the same seed gives the same weights.
+    """
+    from safetensors.torch import load
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        blob, order, param_names, head = pool.submit(
+            _initial_state_bytes, arch, num_classes, seed, init_from, new_head).result()
+    loaded = load(blob)
+    return InitialState({name: loaded[name] for name in order}, frozenset(param_names), head)

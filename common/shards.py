@@ -38,7 +38,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
 MANIFEST = "manifest.json"
@@ -90,6 +89,9 @@ class ImageFolderSource:
     kind = "imagefolder"
 
     def __init__(self, root: pathlib.Path):
+        # imported here: torchvision costs a process 164 MB, and the server imports this module
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
         self.root = root
         if not root.is_dir():
             raise DataError(f"input directory {root} does not exist")

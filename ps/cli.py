@@ -122,13 +122,16 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
     )
     from paramhub.ps.server import PSServer
 
-    from paramhub.common.models import WeightsError
-    from paramhub.common.data import DataError
+    from paramhub.common.models import WeightsError, initial_state_in_child
     from paramhub.common.security import SecurityError, check_listen_address
+    from paramhub.common.shards import DataError
 
     try:
         check_listen_address(config.host, security, config.insecure)
-        server = PSServer(config)
+        # built in a child process: this one then never imports torchvision (164 MB it would keep)
+        initial = initial_state_in_child(config.model, config.num_classes, config.seed, config.init_from,
+                                         config.new_head)
+        server = PSServer(config, initial)
         server.start()
     except (WeightsError, SecurityError, DataError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -21,12 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
 from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
-from paramhub.common.models import build_model, head_names, load_initial_weights
+from paramhub.common.models import InitialState, initial_state
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import release_free_memory
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
-from paramhub.ps.evaluation import ServerEvaluator
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
@@ -113,28 +112,28 @@ class PSServer:
         config: the server's settings.
     """
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, initial: InitialState | None = None):
         self.config = config
-        model = build_model(config.model, config.num_classes, config.seed)
-        if config.init_from:
-            load_initial_weights(model, config.init_from, config.new_head)
+        if initial is None:  # ps-server builds it in a child process (initial_state_in_child)
+            initial = initial_state(config.model, config.num_classes, config.seed, config.init_from,
+                                    config.new_head)
         # With a frozen backbone only the head is laid out for the wire; the rest is
         # served once (Pull with frozen=true) and never changes. A partition lays out
         # its contiguous share of what travels.
-        state = model.state_dict()
-        trainable = head_names(model) if config.freeze_backbone else list(state)
+        state = initial.state
+        trainable = initial.head if config.freeze_backbone else list(state)
         frozen = [name for name in state if name not in trainable]
         k, m = config.partition
         if m > 1:
             trainable = partition_names(trainable, [state[n].numel() * state[n].element_size() for n in trainable],
                                         k, m)
-        self.layout = Layout.from_model(model, trainable)
-        self.frozen_layout = Layout.from_model(model, frozen) if frozen else None
-        self.frozen_regions = self.frozen_layout.flatten(model.state_dict()) if frozen else []
+        self.layout = Layout.from_state(state, initial.param_names, trainable)
+        self.frozen_layout = Layout.from_state(state, initial.param_names, frozen) if frozen else None
+        self.frozen_regions = self.frozen_layout.flatten(state) if frozen else []
         resumed = self._resume() if config.resume else None
-        self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(model.state_dict()))
-        del model, state
-        release_free_memory()  # the model's own tensors: freed, but resident while the allocator keeps them
+        self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(state))
+        del initial, state
+        release_free_memory()  # the initial tensors: freed, but resident while the allocator keeps them
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
@@ -179,11 +178,7 @@ class PSServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.evaluator = ServerEvaluator(
-            config.model, config.num_classes, config.eval_data, config.eval_every, image_size=config.eval_image_size,
-            size=config.eval_size, batch_size=64, out_dir=config.checkpoint_dir,
-            facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
-        ) if config.eval_data and config.eval_every else None
+        self.evaluator = self._evaluator(config)
         self._ticker = Ticker(self.engine)
         # /metrics and the status page both read one ServerMetrics; with neither, events go to a no-op.
         self.metrics = (ServerMetrics(self.registry, lambda: self.store.version)
@@ -195,6 +190,18 @@ class PSServer:
         self._stop = threading.Event()
         self.port: int | None = None
         self.last_checkpoint: str | None = None
+
+    def _evaluator(self, config: ServerConfig):
+        """The server's own evaluation (--eval-data), or None; imported only then (it needs torchvision)."""
+        if not (config.eval_data and config.eval_every):
+            return None
+        from paramhub.ps.evaluation import ServerEvaluator
+
+        return ServerEvaluator(
+            config.model, config.num_classes, config.eval_data, config.eval_every, image_size=config.eval_image_size,
+            size=config.eval_size, batch_size=64, out_dir=config.checkpoint_dir,
+            facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
+        )
 
     def _resume(self) -> "Resumed | None":
         """The state of the newest readable, matching checkpoint; None when there is none.

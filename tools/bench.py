@@ -313,14 +313,16 @@ def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
     keep_freed_memory_resident()
     setup_logging("WARNING")
     from paramhub.common.config import ServerConfig, Timeouts
+    from paramhub.common.models import initial_state_in_child
     from paramhub.ps.server import PSServer
 
-    runtime_kb = bench_round.proc_status_kb("self", "VmRSS")  # torch, torchvision, grpc: before any tensor
+    runtime_kb = bench_round.proc_status_kb("self", "VmRSS")  # torch, grpc: before any tensor
     # A long lease: bench workers send no heartbeats, and may sit idle while the gloo group starts.
     timeouts = Timeouts(lease=900, round=ROUND_TIMEOUT_S, pull_wait=30)
     server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=workers,
                                    mode="sync", update="grad", momentum=0.9, chunk_bytes=chunk_bytes,
-                                   wire_dtype=wire_dtype, timeouts=timeouts))
+                                   wire_dtype=wire_dtype, timeouts=timeouts),
+                      initial_state_in_child(model, NUM_CLASSES))  # as ps-server: no torchvision here
     try:
         port = server.start()
         if rss_file:

@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from paramhub.common.checkpoint import list_checkpoints, load_model_state
-from paramhub.common.data import SyntheticImages
 from paramhub.common.models import build_model
 from paramhub.tools.cluster import LocalCluster
 
@@ -52,6 +51,10 @@ class Settings:
 
 def held_out(settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Unseen synthetic samples of the same classes (a disjoint noise seed range)."""
+    # common.data imports torchvision: imported where used, so that `ps-bench serve-paramhub`
+    # (this module's sibling command) runs its server without torchvision, as ps-server does
+    from paramhub.common.data import SyntheticImages
+
     data = SyntheticImages(settings.eval_size, settings.classes, settings.image_size, index_offset=10_000_000)
     images = torch.stack([data[i][0] for i in range(len(data))])
     return images, torch.tensor([data[i][1] for i in range(len(data))])
@@ -92,6 +95,8 @@ def run_mode(name: str, settings: Settings, workdir: pathlib.Path, images, label
 
 def run_baseline(settings: Settings, images, labels) -> list[dict]:
     """Single-process SGD (momentum 0.9) at the same total batch, from the same initial weights."""
+    from paramhub.common.data import SyntheticImages  # see held_out
+
     model = build_model(settings.model, settings.classes)
     data = SyntheticImages(settings.synthetic_size, settings.classes, settings.image_size)
     loader = DataLoader(Subset(data, range(len(data))), batch_size=settings.workers * settings.batch_size,

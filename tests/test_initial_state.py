@@ -1,0 +1,33 @@
+"""The server's initial weights built in a child process, so that ps-server never imports torchvision."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from paramhub.common.models import WeightsError, initial_state, initial_state_in_child
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_child_builds_exactly_what_this_process_builds():
+    here = initial_state("resnet18", 5, seed=3)
+    child = initial_state_in_child("resnet18", 5, seed=3)
+    assert list(child.state) == list(here.state)  # the state_dict's order, which the layout follows
+    assert all(torch.equal(child.state[k], here.state[k]) for k in here.state)
+    assert child.param_names == here.param_names and child.head == here.head == ["fc.weight", "fc.bias"]
+
+
+def test_a_bad_weights_file_is_reported_from_the_child(tmp_path):
+    with pytest.raises(WeightsError, match="no weights file"):
+        initial_state_in_child("mlp", 3, init_from=str(tmp_path / "missing.safetensors"))
+
+
+def test_the_server_process_does_not_import_torchvision():
+    # torchvision imports torch._dynamo and sympy: 164 MB resident for the whole run
+    code = ("import sys, paramhub.ps.cli, paramhub.ps.server, paramhub.tools.bench; "
+            "sys.exit(1 if 'torchvision' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=100).returncode == 0
