@@ -128,10 +128,8 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
 
     try:
         check_listen_address(config.host, security, config.insecure)
-        # built in a child process: this one then never imports torchvision (164 MB it would keep)
-        initial = initial_state_in_child(config.model, config.num_classes, config.seed, config.init_from,
-                                         config.new_head)
-        server = PSServer(config, initial)
+        # the model is built in a child process: this one never imports torchvision (164 MB it would keep)
+        server = PSServer(config, build=initial_state_in_child)
         server.start()
     except (WeightsError, SecurityError, DataError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from concurrent import futures
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -110,13 +111,15 @@ class PSServer:
 
     Args:
         config: the server's settings.
+        build: makes the initial weights from (arch, num_classes, seed, init_from, new_head):
+            ``initial_state`` here, or ``initial_state_in_child``, which keeps torchvision out
+            of this process.
     """
 
-    def __init__(self, config: ServerConfig, initial: InitialState | None = None):
+    def __init__(self, config: ServerConfig, build: Callable[..., InitialState] = initial_state):
         self.config = config
-        if initial is None:  # ps-server builds it in a child process (initial_state_in_child)
-            initial = initial_state(config.model, config.num_classes, config.seed, config.init_from,
-                                    config.new_head)
+        # ps-server passes initial_state_in_child: the model is built in a child process
+        initial = build(config.model, config.num_classes, config.seed, config.init_from, config.new_head)
         # With a frozen backbone only the head is laid out for the wire; the rest is
         # served once (Pull with frozen=true) and never changes. A partition lays out
         # its contiguous share of what travels.

@@ -166,13 +166,12 @@ def test_json_log_lines_from_a_fresh_process():
 
 
 def test_cli_flags_reach_the_server_config_and_logging(monkeypatch):
-    from paramhub.common import models
     from paramhub.ps import cli, server
 
     made, logging_setup = [], []
 
     class FakeServer:
-        def __init__(self, config, initial):
+        def __init__(self, config, build):
             made.append(config)
             self.port, self.last_checkpoint, self.store = 1, None, types.SimpleNamespace(version=0)
 
@@ -183,7 +182,6 @@ def test_cli_flags_reach_the_server_config_and_logging(monkeypatch):
             pass
 
     monkeypatch.setattr(server, "PSServer", FakeServer)
-    monkeypatch.setattr(models, "initial_state_in_child", lambda *args: None)  # no model needed
     monkeypatch.setattr(cli, "setup_logging", lambda level, fmt: logging_setup.append((level, fmt)))
     monkeypatch.setattr(cli, "keep_freed_memory_resident", lambda: False)
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # leave pytest's handlers alone

@@ -322,7 +322,7 @@ def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
     server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=workers,
                                    mode="sync", update="grad", momentum=0.9, chunk_bytes=chunk_bytes,
                                    wire_dtype=wire_dtype, timeouts=timeouts),
-                      initial_state_in_child(model, NUM_CLASSES))  # as ps-server: no torchvision here
+                      build=initial_state_in_child)  # as ps-server: no torchvision in this process
     try:
         port = server.start()
         if rss_file:
