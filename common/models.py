@@ -6,7 +6,6 @@ the backbone.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import multiprocessing
 
@@ -147,29 +146,58 @@ def initial_state(arch: str, num_classes: int, seed: int = 0, init_from: str | N
                         head_names(model))
 
 
-def _initial_state_bytes(arch: str, num_classes: int, seed: int, init_from: str | None,
-                         new_head: bool) -> tuple[bytes, list[str], list[str], list[str]]:
+def _build_and_send(connection, arch: str, num_classes: int, seed: int, init_from: str | None,
+                    new_head: bool) -> None:
+    """The child's side: build, then send (error, key order, parameter names, head) and the tensors."""
     from safetensors.torch import save
 
-    built = initial_state(arch, num_classes, seed, init_from, new_head)
-    blob = save({k: v.contiguous() for k, v in built.state.items()})
-    return blob, list(built.state), sorted(built.param_names), built.head  # safetensors sorts the keys
+    try:
+        built = initial_state(arch, num_classes, seed, init_from, new_head)
+        blob = save({k: v.contiguous() for k, v in built.state.items()})
+        # safetensors sorts the keys; the layout follows the state_dict's own order
+        connection.send((None, list(built.state), sorted(built.param_names), built.head))
+        connection.send_bytes(blob)
+    except Exception as exc:  # WeightsError and friends: the parent raises them
+        connection.send((exc, None, None, None))
+    finally:
+        connection.close()
 
 
 def initial_state_in_child(arch: str, num_classes: int, seed: int = 0, init_from: str | None = None,
-                           new_head: bool = False) -> InitialState:
+                           new_head: bool = False, timeout_s: float = 600.0) -> InitialState:
     """``initial_state`` computed in a short-lived child process.
 
     Building a torchvision model imports torchvision, which imports torch._dynamo and
     sympy: 164 MB that a server process would keep resident for its whole run
     without using them again. The child pays that and hands back the tensors
     (safetensors bytes over a pipe); the same seed gives the same weights.
+
+    Raises:
+        WeightsError: ``init_from`` cannot be read or does not fit.
+        RuntimeError: the child died or took longer than ``timeout_s``.
     """
     from safetensors.torch import load
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        blob, order, param_names, head = pool.submit(
-            _initial_state_bytes, arch, num_classes, seed, init_from, new_head).result()
-    loaded = load(blob)
+    receiving, sending = context.Pipe(duplex=False)
+    child = context.Process(target=_build_and_send, args=(sending, arch, num_classes, seed, init_from, new_head),
+                            name="paramhub-build-model", daemon=True)
+    child.start()
+    sending.close()  # ours: so that a dead child reads as end of file
+    try:
+        if not receiving.poll(timeout_s):
+            raise RuntimeError(f"building {arch} in a child process took over {timeout_s:.0f}s")
+        error, order, param_names, head = receiving.recv()
+        if error is not None:
+            raise error
+        loaded = load(receiving.recv_bytes())
+    except EOFError:
+        raise RuntimeError(f"the child process building {arch} died (exit code {child.exitcode})") from None
+    finally:
+        receiving.close()
+        if child.is_alive():
+            child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
     return InitialState({name: loaded[name] for name in order}, frozenset(param_names), head)

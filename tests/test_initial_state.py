@@ -31,3 +31,10 @@ def test_the_server_process_does_not_import_torchvision():
     code = ("import sys, paramhub.ps.cli, paramhub.ps.server, paramhub.tools.bench; "
             "sys.exit(1 if 'torchvision' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=100).returncode == 0
+
+
+def test_a_child_that_takes_too_long_is_killed_and_reported(monkeypatch):
+    from paramhub.common import models
+
+    with pytest.raises(RuntimeError, match="took over"):
+        models.initial_state_in_child("resnet18", 5, timeout_s=0.01)  # it cannot even import torch that fast
