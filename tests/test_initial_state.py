@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -33,8 +36,30 @@ def test_the_server_process_does_not_import_torchvision():
     assert subprocess.run([sys.executable, "-c", code], timeout=100).returncode == 0
 
 
-def test_a_child_that_takes_too_long_is_killed_and_reported(monkeypatch):
+def test_a_child_that_takes_too_long_is_killed_and_reported():
     from paramhub.common import models
 
     with pytest.raises(RuntimeError, match="took over"):
         models.initial_state_in_child("resnet18", 5, timeout_s=0.01)  # it cannot even import torch that fast
+
+
+def test_a_child_that_dies_is_reported():
+    from paramhub.common import models
+
+    outcome: dict[str, str] = {}
+
+    def build():
+        try:
+            models.initial_state_in_child("resnet18", 5)
+        except RuntimeError as exc:
+            outcome["error"] = str(exc)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    deadline = time.monotonic() + 30
+    while not multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for child in multiprocessing.active_children():
+        child.kill()  # long before it has imported torchvision and built the model
+    builder.join(timeout=60)
+    assert "died" in outcome.get("error", "")
