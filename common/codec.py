@@ -122,9 +122,10 @@ def iter_chunks(
     """Splits regions into (region, element offset, byte view) pieces of at most ``chunk_bytes``."""
     views: dict[int, memoryview] = {}
     for r, start, count in chunk_spans(layout, region_ids, chunk_bytes):
-        view = views.get(r) or views.setdefault(r, region_bytes(regions[r]))
+        if r not in views:
+            views[r] = region_bytes(regions[r])
         elem = dtype_size(layout.regions[r].dtype)
-        yield r, start, view[start * elem : (start + count) * elem]
+        yield r, start, views[r][start * elem : (start + count) * elem]
 
 
 def encoded_chunks(

@@ -6,17 +6,10 @@ import threading
 
 import pytest
 
+from helpers_unit import FakeClock
 from paramhub.ps.admission import PushAdmission
 
 pytestmark = pytest.mark.timeout(10)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_push_beyond_the_limit_waits_until_one_leaves():
@@ -41,7 +34,7 @@ def test_a_push_held_past_stale_s_stops_counting_so_nothing_deadlocks():
     waiter = threading.Thread(target=lambda: (admission.admit(), admitted.set()))
     waiter.start()
     assert not admitted.wait(0.1)
-    clock.now = 0.5  # the parked push is now stale; the waiter's timed wait ends and sees it
+    clock.advance(0.5)  # the parked push is now stale; the waiter's timed wait ends and sees it
     assert admitted.wait(5)
     waiter.join(timeout=5)
     admission.leave(parked)

@@ -42,15 +42,23 @@ def random_problem(seed: int, size: int, steps: int):
     return start, grads
 
 
+@pytest.mark.parametrize("into_grad", [False, True], ids=["fresh", "into-grad"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{momentum}-wd{weight_decay}-n{nesterov}".format(**c))
-def test_sgd_step_matches_torch_optim_sgd(config):
+def test_sgd_step_matches_torch_optim_sgd(config, into_grad):
+    """Also when the new weights are written over the gradient, as the server does."""
     start, grads = random_problem(seed=1, size=257, steps=5)
     expected = torch_sgd_trajectory(start, grads, lr=0.05, **config)
     params, buf = start.clone(), None
     for step, g in enumerate(grads):
-        params, buf = sgd_step(params, g, buf, lr=0.05, **config)
-        torch.testing.assert_close(params, expected[step], rtol=1e-6, atol=1e-7)
+        old_params, grad = params.clone(), g.clone()
+        new_params, buf = sgd_step(params, grad, buf, lr=0.05, out=grad if into_grad else None, **config)
+        assert torch.equal(params, old_params)  # never the current weights: a pull may be streaming them
+        assert into_grad == (new_params.data_ptr() == grad.data_ptr())
         assert (buf is None) == (config["momentum"] == 0)
+        if buf is not None:  # the momentum buffer is the rule's own
+            assert buf.data_ptr() != grad.data_ptr()
+        torch.testing.assert_close(new_params, expected[step], rtol=1e-6, atol=1e-7)
+        params = new_params
 
 
 @property_settings(30)
@@ -81,24 +89,6 @@ def test_sgd_step_never_writes_params_or_grad(config):
         assert not torch.equal(new_params, params)
         if buf is not None:  # the momentum buffer is the rule's own, never an alias of the inputs
             assert buf.data_ptr() not in (params.data_ptr(), g.data_ptr(), new_params.data_ptr())
-        params = new_params
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "m{momentum}-wd{weight_decay}-n{nesterov}".format(**c))
-def test_sgd_step_into_the_gradient_matches_torch(config):
-    """The server writes the new weights over the averaged gradient: same result as a fresh tensor."""
-    start, grads = random_problem(seed=7, size=65, steps=4)
-    expected = torch_sgd_trajectory(start, grads, lr=0.05, **config)
-    params, buf = start.clone(), None
-    for step, g in enumerate(grads):
-        old_params = params.clone()
-        grad = g.clone()
-        new_params, buf = sgd_step(params, grad, buf, lr=0.05, out=grad, **config)
-        assert new_params.data_ptr() == grad.data_ptr()
-        assert torch.equal(params, old_params)
-        if buf is not None:
-            assert buf.data_ptr() != grad.data_ptr()
-        torch.testing.assert_close(new_params, expected[step], rtol=1e-6, atol=1e-7)
         params = new_params
 
 
