@@ -11,9 +11,9 @@ Both kinds of rounds start from a barrier of their N processes and end when the
 last process is done; timestamps are CLOCK_MONOTONIC, which all processes share.
 The rounds alternate, so both see the same machine at the same moment.
 
-``aggregate`` times, in this process, what the engine does when a round closes
-(``WeightedMean`` over N pushes, the mean, ``SGDRule`` on the parameter regions)
-against ``Tensor.copy_`` of the same N pushes' bytes.
+``aggregate`` times, in this process, a sync round of the real engine fed N pushes
+that have already arrived (each added to the sums, then the mean, the SGD step,
+publishing) against ``Tensor.copy_`` of the same N pushes' bytes.
 """
 
 from __future__ import annotations
