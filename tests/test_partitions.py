@@ -16,7 +16,7 @@ from paramhub.common.config import WorkerConfig
 from paramhub.common.layout import Layout, LayoutError, partition_names
 from paramhub.common.models import build_model
 from paramhub.worker.client import PSClient, RunFailed
-from paramhub.worker.partitions import PartitionedClient, combine_layouts
+from paramhub.worker.partitions import PartitionedClient, _Slices, combine_layouts
 from paramhub.worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,9 +54,9 @@ def test_partition_slices_are_views_of_the_whole_model():
         assert part.of(regions)[0].untyped_storage().data_ptr() == regions[0].untyped_storage().data_ptr()
 
 
-def train(start_server, partitions: int, steps: int = 5) -> dict[str, torch.Tensor]:
+def train(start_server, partitions: int, steps: int = 5, **server_options) -> dict[str, torch.Tensor]:
     servers = [start_server(model="mlp", num_classes=4, workers=2, lr=0.1, momentum=0.9, max_steps=steps,
-                            partition=(k, partitions)) for k in range(partitions)]
+                            partition=(k, partitions), **server_options) for k in range(partitions)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0,
                           timeouts=fast_timeouts())
     errors = []
@@ -83,12 +83,33 @@ def train(start_server, partitions: int, steps: int = 5) -> dict[str, torch.Tens
     return state
 
 
-def test_one_and_three_partitions_give_identical_weights_in_sync_mode(start_server):
-    whole = train(start_server, 1)
-    split = train(start_server, 3)
+@pytest.mark.parametrize("compression", [{}, {"topk_ratio": 0.05}, {"topk_ratio": 0.05, "wire_dtype": "bf16"}],
+                         ids=["dense", "topk", "topk-bf16"])
+def test_one_and_three_partitions_give_identical_weights_in_sync_mode(start_server, compression):
+    # Top-k picks over the whole model either way; each partition applies the picks in its slices.
+    whole = train(start_server, 1, **compression)
+    split = train(start_server, 3, **compression)
     assert set(whole) == set(split) == set(build_model("mlp", 4).state_dict())
     for name in whole:
         assert torch.equal(whole[name], split[name]), name
+
+
+def test_partition_share_of_a_topk_update_is_local_to_its_slices():
+    part = _Slices(((0, 0, 4), (1, 10, 20)))  # own region 0 = whole region 0 [0, 4); own 1 = region 1 [10, 20)
+    sparse = {1: (torch.tensor([3, 10, 15, 19, 20]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])),
+              0: (torch.tensor([], dtype=torch.int64), torch.tensor([]))}
+    local = part.of_sparse(sparse)
+    assert set(local) == {0, 1}
+    assert local[1][0].tolist() == [0, 5, 9] and local[1][1].tolist() == [2.0, 3.0, 4.0]
+    assert local[0][0].numel() == 0  # present though empty: the region must not go dense
+
+
+def test_partitions_with_different_topk_ratios_are_refused(start_server):
+    a = start_server(model="mlp", num_classes=4, partition=(0, 2), topk_ratio=0.1)
+    b = start_server(model="mlp", num_classes=4, partition=(1, 2))
+    with PartitionedClient([PSClient(f"127.0.0.1:{s.port}", fast_timeouts()) for s in (a, b)]) as client:
+        with pytest.raises(RunFailed, match="top-k"):
+            client.join("w")
 
 
 def test_addresses_that_are_not_one_model_s_partitions_are_refused(start_server):

@@ -32,6 +32,21 @@ class _Slices:
     def of(self, regions: list[torch.Tensor]) -> list[torch.Tensor]:
         return [regions[r][start:stop] for r, start, stop in self.spans]
 
+    def of_sparse(self, sparse: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """This partition's share of a top-k update ({region: (sorted indices, values)}), in its own regions.
+
+        Every sparse region the partition holds gets an entry, empty where top-k
+        picked nothing in its slice, so that region is not sent dense instead.
+        """
+        local = {}
+        for own, (r, start, stop) in enumerate(self.spans):
+            if r in sparse:
+                indices, values = sparse[r]
+                lo, hi = torch.searchsorted(indices, torch.tensor([start, stop], dtype=indices.dtype)).tolist()
+                local[own] = (indices[lo:hi] - start, values[lo:hi])
+        return local
+
 
 def combine_layouts(layouts: list[Layout]) -> tuple[Layout, list[_Slices]]:
     """The whole model's layout from its partitions' (in partition order), and each partition's slices of it.
@@ -98,8 +113,8 @@ class PartitionedClient:
         if [i.run.partition for i in infos] != expected or any(i.run.num_partitions != len(infos) for i in infos):
             found = ", ".join(f"{i.run.partition}/{i.run.num_partitions}" for i in infos)
             raise RunFailed(f"--server lists {len(infos)} addresses, but they are partitions {found}")
-        if len({(i.model.arch, i.model.num_classes, i.run.mode, i.run.update) for i in infos}) != 1:
-            raise RunFailed("the partition servers run different models or modes")
+        if len({(i.model.arch, i.model.num_classes, i.run.mode, i.run.update, i.run.topk_ratio) for i in infos}) != 1:
+            raise RunFailed("the partition servers run different models, modes or top-k ratios")
         combined, self._slices = combine_layouts([i.layout for i in infos])
         self._next = [i.version for i in infos]
         self._pulled = list(self._next)  # the version each partition last sent us: the next push's base
@@ -126,11 +141,14 @@ class PartitionedClient:
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
              dry_run: bool = False, sparse: dict | None = None) -> pb.PushResponse:
-        """Pushes each partition its slices, based on the version it last sent us."""
-        if sparse:
-            raise RunFailed("top-k sparsification over several partitions is not supported yet")
-        replies = self._each(lambda i, c: c.push(kind, self._pulled[i], self._slices[i].of(regions), num_samples,
-                                                 loss, dry_run))
+        """Pushes each partition its slices, based on the version it last sent us.
+
+        A top-k update (``sparse``) was picked over the whole model, as with one
+        server; each partition receives the picked elements inside its slices.
+        """
+        replies = self._each(lambda i, c: c.push(
+            kind, self._pulled[i], self._slices[i].of(regions), num_samples, loss, dry_run,
+            sparse=self._slices[i].of_sparse(sparse) if sparse else None))
         self._next = [r.next_version for r in replies]
         accepted = all(r.outcome == pb.PUSH_OUTCOME_ACCEPTED for r in replies)
         return pb.PushResponse(
