@@ -396,6 +396,17 @@ def test_finite_overflowing_half_precision():
     assert codec.finite(torch.zeros(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_finite_values_whose_sum_overflows_are_finite_and_one_bad_value_among_many_is_caught(dtype):
+    biggest = torch.finfo(dtype).max
+    assert codec.finite(torch.full((1000,), biggest, dtype=dtype))  # the sum is inf; the values are not
+    values = torch.randn(100_003).to(dtype)
+    assert codec.finite(values)
+    for bad in (float("nan"), float("inf")):
+        values[77_777] = bad
+        assert not codec.finite(values)
+
+
 def test_piece_collector_views_the_received_bytes_and_checks_them():
     layout = Layout.from_entries([("w", torch.float32, (6,), PARAM), ("n", torch.int64, (2,), BUFFER)])
     regions = [torch.arange(6, dtype=torch.float32), torch.tensor([3, 4])]
