@@ -20,10 +20,11 @@ from typing import Callable
 class PushAdmission:
     """Admits at most ``limit`` pushes at once, without ever deadlocking.
 
-    A push admitted more than ``stale_s`` ago stops counting against the limit. It
-    is most likely held in an SSP wait for a slower worker (the engine keeps it
-    until it applies it), or arriving over a slow link; waiting for it could stall
-    the very push it waits for. So a push waits at most ``stale_s`` to be admitted.
+    A push that the engine holds for slower workers (SSP) leaves as it starts to
+    wait (``StagedPush.parked``): the pushes it waits for must come in. A push
+    admitted more than ``stale_s`` ago stops counting against the limit too: it is
+    arriving over a slow link, and the others should not wait for that link. So a
+    push waits at most ``stale_s`` to be admitted.
 
     Args:
         limit: how many pushes may be in at once, young ones (see above) counted.

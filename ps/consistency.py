@@ -14,6 +14,7 @@ without knowing which engine it has.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import threading
@@ -46,6 +47,8 @@ class StagedPush:
     num_samples: int
     loss: float
     pieces: list[Piece]  # the update's values, as received (codec.whole_regions for full tensors)
+    keeps_base: bool = False  # the worker goes on computing from base_version (it overlaps transfers)
+    parked: Callable[[], None] | None = None  # called if it waits for slower workers (frees its admission)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class PushResult:
     next_version: int
     done: bool
     reason: str = ""  # why a push was dropped: closed_round, too_stale or run_done
+    base_kept: bool = False  # a keeps_base push whose base still counts as pending (SSP)
 
 
 def damping_scale(staleness: int) -> float:
@@ -171,10 +175,11 @@ class ConsistencyEngine:
     def _on_tick(self, lost_worker_ids: list[int]) -> None:
         pass
 
-    def _result(self, outcome: int, next_version: int | None = None, reason: str = "") -> PushResult:
+    def _result(self, outcome: int, next_version: int | None = None, reason: str = "",
+                base_kept: bool = False) -> PushResult:
         version = self.store.version
         return PushResult(outcome, version, version if next_version is None else next_version, self.store.done,
-                          reason)
+                          reason, base_kept)
 
     def _accumulate(self, push: StagedPush) -> LedgerEntry:
         """Adds a push to the next update's mean (damped for its staleness); returns its ledger line.
@@ -304,6 +309,13 @@ class AsyncEngine(ConsistencyEngine):
       version it pulled; applying an update must not leave any live pending worker
       more than s versions behind, so a push that would do so waits (inside its
       Push call) for the slower workers' pushes;
+    - a worker that overlaps transfers with computation pulls the next weights
+      before it has pushed the work on the previous ones, so it is pending with
+      every version it may still push from: a pull after a push adds one, a pull
+      right after a pull replaces it (polling), and an applied or dropped push
+      settles its base (once) and everything older; a push marked ``keeps_base`` (the
+      worker computes on the same weights again) leaves its base pending while
+      that base is still within the bound;
     - when every worker that blocks progress is itself waiting, their pushes are
       applied together as one update (with s = 0 this is exactly a sync round);
     - a wait ends after ``wait_timeout`` seconds (the stragglers' later pushes
@@ -322,9 +334,11 @@ class AsyncEngine(ConsistencyEngine):
             raise ValueError(f"the staleness bound must be >= 0, got {staleness_bound}")
         self.staleness_bound = staleness_bound
         self.wait_timeout = wait_timeout
-        self._pending: dict[int, int] = {}  # worker id -> version it pulled, until its push is applied
+        self._pending: dict[int, list[int]] = {}  # worker id -> versions it may still push from, oldest first
+        self._pulled_last: set[int] = set()  # workers whose latest call was a pull (a new pull replaces it)
         self._waiting: list[StagedPush] = []
-        self._applied: set[tuple[int, int]] = set()  # (worker, sequence) of waiting pushes now applied
+        self._applied: dict[tuple[int, int], bool] = {}  # (worker, sequence) of waiting pushes now applied
+        # -> whether its base was kept pending
 
     @property
     def round_pushes(self) -> int:
@@ -332,6 +346,8 @@ class AsyncEngine(ConsistencyEngine):
             return len(self._waiting)
 
     def on_pull(self, worker_id: int, version: int) -> None:
+        if self.staleness_bound is None:
+            return  # nobody waits for anybody
         with self.store.lock:
             if any(p.worker_id == worker_id for p in self._waiting):
                 return  # its push is still waiting: its base stays the pushed one
@@ -340,7 +356,29 @@ class AsyncEngine(ConsistencyEngine):
             except KeyError:
                 return  # anonymous reader or observer
             if record.alive:
-                self._pending[worker_id] = version
+                bases = self._pending.setdefault(worker_id, [])
+                if bases and worker_id in self._pulled_last:
+                    bases[-1] = version
+                else:
+                    bases.append(version)
+                self._pulled_last.add(worker_id)
+
+    def _settle(self, push: StagedPush) -> bool:
+        """The push was applied or dropped: its worker no longer pushes from its base or older ones.
+
+        With ``keeps_base`` the worker asks to compute on its base again; that stays
+        pending unless it is already too stale. Returns whether it was kept.
+        """
+        self._pulled_last.discard(push.worker_id)
+        bases = [b for b in self._pending.get(push.worker_id, ()) if b >= push.base_version]
+        keep = push.keeps_base and self.store.version - push.base_version <= self.staleness_bound
+        if bases and bases[0] == push.base_version and not keep:
+            del bases[0]  # one pull is one push's base: a later pull of the same version is other work
+        if bases:
+            self._pending[push.worker_id] = bases
+        else:
+            self._pending.pop(push.worker_id, None)
+        return keep
 
     def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
         version = self.store.version
@@ -351,17 +389,21 @@ class AsyncEngine(ConsistencyEngine):
             log.info("dropped push of %s: %d versions stale, bound %d", record.name, version - push.base_version,
                      bound, extra={"event": "push_dropped", "reason": "too_stale", "worker": record.name,
                                    "base_version": push.base_version, "version": version, "bound": bound})
-            self._pending.pop(push.worker_id, None)
+            self._settle(push)
             return self._result(pb.PUSH_OUTCOME_DROPPED, reason="too_stale")
         if bound is None:
             self._publish([self._accumulate(push)])
             return self._result(pb.PUSH_OUTCOME_ACCEPTED)
-        self._pending[push.worker_id] = push.base_version
+        bases = self._pending.setdefault(push.worker_id, [])
+        if push.base_version not in bases:  # e.g. the version Join gave, with no pull
+            bisect.insort(bases, push.base_version)
         self._waiting.append(push)
         self._drain(force=False)
         started = self._clock()
         deadline = started + self.wait_timeout
         key = (push.worker_id, push.sequence)
+        if key not in self._applied and push.parked is not None:
+            push.parked()  # received whole and waiting: others' pushes may come in meanwhile
         while key not in self._applied:
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -371,20 +413,22 @@ class AsyncEngine(ConsistencyEngine):
                 self._drain(force=True)
                 break
             self.store.lock.wait(min(remaining, 1.0))
-        self._applied.discard(key)
+        base_kept = self._applied.pop(key, False)
         self.metrics.round_waited(self._clock() - started)
-        return self._result(pb.PUSH_OUTCOME_ACCEPTED)
+        return self._result(pb.PUSH_OUTCOME_ACCEPTED, base_kept=base_kept)
 
     def _on_tick(self, lost_worker_ids: list[int]) -> None:
         for worker_id in lost_worker_ids:
             self._pending.pop(worker_id, None)
+            self._pulled_last.discard(worker_id)
         if self._waiting:
             self._drain(force=False)
 
     def _blockers(self, version: int) -> set[int]:
         """Live pending workers that one more update would leave more than s versions behind."""
         alive = {r.worker_id for r in self.registry.trainers() if r.alive}
-        return {w for w, base in self._pending.items() if w in alive and version + 1 - base > self.staleness_bound}
+        return {w for w, bases in self._pending.items()
+                if w in alive and version + 1 - bases[0] > self.staleness_bound}
 
     def _drain(self, force: bool) -> None:
         """Applies waiting pushes while the bound allows (all of them when ``force``)."""
@@ -402,11 +446,10 @@ class AsyncEngine(ConsistencyEngine):
             self._publish([self._accumulate(p) for p in batch])
             for p in batch:
                 self._waiting.remove(p)
-                self._pending.pop(p.worker_id, None)
-                self._applied.add((p.worker_id, p.sequence))
+                self._applied[(p.worker_id, p.sequence)] = self._settle(p)
         if self.store.done:
             for p in self._waiting:  # the run ended: release everyone
-                self._applied.add((p.worker_id, p.sequence))
+                self._applied[(p.worker_id, p.sequence)] = False
             self._waiting.clear()
         self.store.lock.notify_all()
 

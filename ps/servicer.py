@@ -257,11 +257,12 @@ class ParameterServerServicer:
             return self._response(record.last_reply)
         ticket = self._admission.admit()
         try:
-            return self._receive_and_submit(header, record, messages)
+            return self._receive_and_submit(header, record, messages, parked=lambda: self._admission.leave(ticket))
         finally:
             self._admission.leave(ticket)  # the engine has applied, accumulated or dropped it by now
 
-    def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object]) -> pb.PushResponse:
+    def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
+                            parked) -> pb.PushResponse:
         # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
         # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
@@ -287,7 +288,8 @@ class ParameterServerServicer:
         result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
             base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
-            loss=header.loss, pieces=assembler.pieces + sparse.pieces,
+            loss=header.loss, pieces=assembler.pieces + sparse.pieces, keeps_base=header.keeps_base,
+            parked=parked,
         ))
         return self._response(result)
 
@@ -307,7 +309,7 @@ class ParameterServerServicer:
 
     def _response(self, result) -> pb.PushResponse:
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
-                               done=result.done, server_epoch=self.epoch)
+                               done=result.done, server_epoch=self.epoch, base_kept=result.base_kept)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -193,6 +194,64 @@ def test_ssp_bound_is_never_exceeded_and_fast_workers_wait_instead_of_wasting_wo
     assert engine.ledger.total == 60
     assert engine.ledger.max_staleness <= bound
     assert engine.pushes_dropped == 0  # SSP made the fast ones wait: no work was thrown away
+
+
+def overlapped_then_plain(keeps_base: bool):
+    """Bound 1. Worker a overlaps: it pushes on version 0, prefetches version 1 while it computes on
+    version 0 again, then pushes that. Worker b pushes on version 0 in between."""
+    engine, (a, b) = make(AsyncEngine, 2, staleness_bound=1, wait_timeout=10)
+    push = Pusher()
+    engine.on_pull(a, 0)
+    engine.on_pull(b, 0)
+    first = engine.submit(dataclasses.replace(push(a, 0, 1.0), keeps_base=keeps_base))
+    engine.on_pull(a, engine.store.version)  # the prefetch, while a computes on version 0 again
+    thread_b, result_b = run_in_thread(engine.submit, push(b, 0, 1.0))
+    with engine.store.lock:  # b either waits for a or is applied at once
+        engine.store.lock.wait_for(lambda: engine.round_pushes == 1 or engine.store.version == 2, timeout=5)
+    second = engine.submit(push(a, 0, 1.0))
+    thread_b.join(timeout=5)
+    return engine, [first.outcome, result_b["value"].outcome, second.outcome]
+
+
+def test_an_overlapped_worker_reusing_its_base_holds_the_others_back_instead_of_losing_work():
+    engine, outcomes = overlapped_then_plain(keeps_base=True)
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED] * 3
+    assert engine.store.version == 2 and engine.pushes_dropped == 0 and engine.ledger.max_staleness == 1
+
+
+def test_a_base_is_kept_only_while_work_on_it_can_still_be_applied():
+    engine, (a, b) = make(AsyncEngine, 2, staleness_bound=1, wait_timeout=10)
+    push = Pusher()
+    engine.on_pull(a, 0)
+    engine.on_pull(b, 0)
+    first = engine.submit(dataclasses.replace(push(a, 0, 1.0), keeps_base=True))
+    assert first.base_kept  # version 1: work on version 0 is 1 stale, within the bound
+    engine.on_pull(a, 1)
+    late = dataclasses.replace(push(b, 0, 1.0), keeps_base=True)  # applied at version 1: a second step on 0 ...
+    thread, result = run_in_thread(engine.submit, late)
+    engine.submit(push(a, 0, 1.0))  # (a's second step on version 0; both apply together as version 2)
+    thread.join(timeout=5)
+    assert not result["value"].base_kept  # ... would be 2 stale: b must wait for newer weights instead
+    assert engine.store.version == 2 and engine.pushes_dropped == 0
+
+
+def test_without_keeps_base_the_overlapped_worker_s_reused_base_is_not_counted_and_its_push_is_dropped():
+    engine, outcomes = overlapped_then_plain(keeps_base=False)
+    assert outcomes == [pb.PUSH_OUTCOME_ACCEPTED, pb.PUSH_OUTCOME_ACCEPTED, pb.PUSH_OUTCOME_DROPPED]
+    assert engine.pushes_dropped == 1
+
+
+def test_pulling_again_before_pushing_replaces_the_pending_version():
+    engine, (a, b) = make(AsyncEngine, 2, staleness_bound=1, wait_timeout=30)
+    push = Pusher()
+    engine.on_pull(a, 0)
+    engine.on_pull(b, 0)
+    engine.submit(push(b, 0, 1.0))  # version 1
+    engine.on_pull(b, 1)
+    engine.on_pull(a, 1)  # a polled again before computing: it works on version 1, not 0
+    thread, result = run_in_thread(engine.submit, push(b, 1, 1.0))
+    thread.join(timeout=5)  # a on version 1 is not left more than 1 behind: no wait
+    assert result["value"].outcome == pb.PUSH_OUTCOME_ACCEPTED and engine.store.version == 2
 
 
 def test_a_dead_worker_stops_blocking_the_ssp_bound():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -14,13 +15,31 @@ from paramhub.worker.trainer import Trainer
 pytestmark = pytest.mark.timeout(120)
 
 
-def run_one_worker(start_server, overlap: bool):
-    server = start_server(model="mlp", num_classes=4, workers=1, mode="async", lr=0.05, max_steps=20)
+def run_workers(start_server, overlap: bool, workers: int = 1, steps: int = 20, **server_options):
+    server = start_server(model="mlp", num_classes=4, workers=workers, mode="async", lr=0.05, max_steps=steps,
+                          **server_options)
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", batch_size=8, image_size=8,
                           synthetic_size=256, log_every=0, overlap=overlap, timeouts=fast_timeouts())
-    with PSClient(config.server, config.timeouts) as client:
-        summary = Trainer(dataclasses.replace(config, shard=0), client).run()
-    return server, summary
+    summaries, errors = {}, []
+
+    def run(shard):
+        try:
+            with PSClient(config.server, config.timeouts) as client:
+                summaries[shard] = Trainer(dataclasses.replace(config, shard=shard), client).run()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    return server, summaries[0]
+
+
+def run_one_worker(start_server, overlap: bool):
+    return run_workers(start_server, overlap)
 
 
 def test_a_lone_async_worker_computes_while_its_previous_update_travels(start_server):
@@ -36,3 +55,19 @@ def test_a_lone_async_worker_computes_while_its_previous_update_travels(start_se
 def test_without_overlap_a_lone_worker_is_never_stale(start_server):
     server, _ = run_one_worker(start_server, overlap=False)
     assert set(server.engine.ledger.staleness_histogram) == {0}
+
+
+@pytest.mark.parametrize("workers, bound", [(1, 1), (3, 1), (3, 2)])
+def test_under_a_staleness_bound_overlapped_workers_keep_it_and_lose_no_work(start_server, workers, bound):
+    # Each overlapped push is based on weights one exchange old, so bound 1 is the tightest that admits it.
+    server, _ = run_workers(start_server, overlap=True, workers=workers, steps=24, staleness=bound, metrics_port=0)
+    histogram = server.engine.ledger.staleness_histogram
+    assert server.store.version == 24 and max(histogram) <= bound, histogram
+    # The server held the others back instead of dropping work (a step in flight when the run ends is lost).
+    assert not server.metrics.prometheus.get_sample_value("paramhub_pushes_dropped_total", {"reason": "too_stale"})
+    assert sum(n for staleness, n in histogram.items() if staleness >= 1) >= 20, histogram  # overlap at work
+
+
+def test_a_staleness_bound_of_zero_is_sync_so_workers_do_not_overlap(start_server):
+    server, _ = run_workers(start_server, overlap=True, staleness=0)
+    assert set(server.engine.ledger.staleness_histogram) == {0} and server.engine.pushes_dropped == 0

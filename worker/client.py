@@ -219,18 +219,20 @@ class PSClient:
                 return header
 
     def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
-             dry_run: bool = False, sparse: dict | None = None) -> pb.PushResponse:
+             dry_run: bool = False, sparse: dict | None = None, keeps_base: bool = False) -> pb.PushResponse:
         """Sends one update; retried on UNAVAILABLE with the same sequence number.
 
         With ``sparse`` ({PARAM region: (indices, values)}, from top-k), those regions
         travel as index/value pairs and ``regions`` supplies only the others.
+        ``keeps_base`` tells the server the next update is computed on the same
+        weights (overlapped transfers), so a staleness bound keeps counting from them.
         """
         info = self._joined()
         self._sequence += 1
         header = pb.PushHeader(
             worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
             base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
-            loss=loss, dry_run=dry_run, sparse=bool(sparse),
+            loss=loss, dry_run=dry_run, sparse=bool(sparse), keeps_base=keeps_base,
         )
         chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
 

@@ -140,7 +140,7 @@ class PartitionedClient:
         return self.clients[0].pull_frozen(regions)
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, sparse: dict | None = None) -> pb.PushResponse:
+             dry_run: bool = False, sparse: dict | None = None, keeps_base: bool = False) -> pb.PushResponse:
         """Pushes each partition its slices, based on the version it last sent us.
 
         A top-k update (``sparse``) was picked over the whole model, as with one
@@ -148,13 +148,14 @@ class PartitionedClient:
         """
         replies = self._each(lambda i, c: c.push(
             kind, self._pulled[i], self._slices[i].of(regions), num_samples, loss, dry_run,
-            sparse=self._slices[i].of_sparse(sparse) if sparse else None))
+            sparse=self._slices[i].of_sparse(sparse) if sparse else None, keeps_base=keeps_base))
         self._next = [r.next_version for r in replies]
         accepted = all(r.outcome == pb.PUSH_OUTCOME_ACCEPTED for r in replies)
         return pb.PushResponse(
             outcome=pb.PUSH_OUTCOME_ACCEPTED if accepted else pb.PUSH_OUTCOME_DROPPED,
             version=min(r.version for r in replies), next_version=min(self._next),
-            done=any(r.done for r in replies), server_epoch=replies[0].server_epoch)
+            done=any(r.done for r in replies), server_epoch=replies[0].server_epoch,
+            base_kept=all(r.base_kept for r in replies))
 
     @staticmethod
     def _combine_headers(headers: list[pb.PullHeader]) -> pb.PullHeader:

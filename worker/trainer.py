@@ -263,10 +263,11 @@ class Trainer:
         on_cuda = device.type == "cuda"
         model.to(device)
         frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
-        # Transfers run while the next step computes: only without a staleness bound, because under SSP
-        # the server counts a worker's lag from its pulls, and overlap computes on older weights than that.
-        if info.run.mode == "async" and info.run.staleness_bound < 0 and cfg.overlap:
-            self.client = OverlappedClient(self.client, layout)
+        # Transfers run while the next step computes: in async mode, where a push may be based on weights
+        # one exchange old. A staleness bound of 0 is sync (every push on the newest version): no overlap.
+        if info.run.mode == "async" and info.run.staleness_bound != 0 and cfg.overlap:
+            bound = info.run.staleness_bound
+            self.client = OverlappedClient(self.client, layout, staleness_bound=None if bound < 0 else bound)
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)

@@ -202,7 +202,7 @@ class PullMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse")
+    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse", "keeps_base")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class PushHeader(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    KEEPS_BASE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     sequence: int
@@ -223,7 +224,8 @@ class PushHeader(_message.Message):
     loss: float
     dry_run: bool
     sparse: bool
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ...) -> None: ...
+    keeps_base: bool
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ..., keeps_base: _Optional[bool] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -234,18 +236,20 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("outcome", "version", "next_version", "done", "server_epoch")
+    __slots__ = ("outcome", "version", "next_version", "done", "server_epoch", "base_kept")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BASE_KEPT_FIELD_NUMBER: _ClassVar[int]
     outcome: PushOutcome
     version: int
     next_version: int
     done: bool
     server_epoch: str
-    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., next_version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+    base_kept: bool
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., next_version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., base_kept: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "incarnation")
