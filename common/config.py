@@ -111,6 +111,7 @@ class WorkerConfig:
     log_every: int = 10
     epochs: int | None = None  # passes over the shard before the worker leaves (None: until the run is done)
     chunk_bytes: int = 2 << 20
-    overlap: bool = True  # async mode: push and prefetch the next pull while the next step computes
+    # async mode: push and prefetch the next pull while the next step computes; None: only on a GPU
+    overlap: bool | None = None
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     security: Security = Security()

@@ -71,3 +71,9 @@ def test_under_a_staleness_bound_overlapped_workers_keep_it_and_lose_no_work(sta
 def test_a_staleness_bound_of_zero_is_sync_so_workers_do_not_overlap(start_server):
     server, _ = run_workers(start_server, overlap=True, staleness=0)
     assert set(server.engine.ledger.staleness_histogram) == {0} and server.engine.pushes_dropped == 0
+
+
+def test_by_default_a_cpu_worker_does_not_overlap(start_server):
+    # On the CPU the step and the transfer share the cores (measured slower): overlap is for GPU workers.
+    server, _ = run_workers(start_server, overlap=None)
+    assert set(server.engine.ledger.staleness_histogram) == {0}

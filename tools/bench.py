@@ -255,13 +255,13 @@ def transport(model, repeats, warmup, chunk_bytes, as_json):
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), help="Per worker; the baseline uses workers x this.")
 @click.option("--image-size", default=32, type=click.IntRange(min=8))
 @click.option("--lr", default=0.02, type=float, help="Server lr (grad), local lr (avg), baseline lr.")
-@click.option("--modes", default=",".join(convergence.MODES), help="Comma-separated runs: " + ", ".join(convergence.MODES))
+@click.option("--modes", default=",".join(convergence.MODES), help="Comma-separated runs: " + ", ".join(convergence.RUNS))
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def convergence_cmd(model, workers, updates, eval_every, batch_size, image_size, lr, modes, as_json):
     """Every mode on the same data, against single-process training at the same total batch."""
     setup_logging("WARNING")
     names = [m.strip() for m in modes.split(",") if m.strip()]
-    unknown = set(names) - set(convergence.MODES)
+    unknown = set(names) - set(convergence.RUNS)
     if unknown:
         raise click.BadParameter(f"unknown {sorted(unknown)}", param_hint="--modes")
     settings = convergence.Settings(model=model, workers=workers, updates=updates, eval_every=eval_every,

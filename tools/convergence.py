@@ -31,6 +31,12 @@ MODES = {
     "async-avg": ["--mode", "async", "--update", "avg", "--local-steps", "4", "--staleness", "4"],
     "sync-diloco": ["--mode", "sync", "--update", "avg", "--local-steps", "4", "--outer-optimizer", "nesterov"],
 }
+# The same server as another mode, with these worker flags (CPU workers do not overlap by default).
+WORKER_VARIANTS = {
+    "async-grad-overlap": ("async-grad", ["--overlap"]),
+    "async-avg-overlap": ("async-avg", ["--overlap"]),
+}
+RUNS = [*MODES, *WORKER_VARIANTS]  # what --modes accepts; the default runs MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def run_mode(name: str, settings: Settings, workdir: pathlib.Path, images, labels) -> list[dict]:
     """Trains with one mode; returns [{version, seconds, top1}] for each checkpoint."""
+    server_mode, worker_flags = WORKER_VARIANTS.get(name, (name, []))
     ckpt = workdir / name / "ckpt"
     with LocalCluster(workdir / name) as cluster:
         started = time.time()
@@ -76,11 +83,11 @@ def run_mode(name: str, settings: Settings, workdir: pathlib.Path, images, label
                              "--workers", str(settings.workers), "--max-steps", str(settings.updates),
                              "--lr", str(settings.lr), "--local-lr", str(settings.lr), "--checkpoint-dir", str(ckpt),
                              "--checkpoint-every", str(settings.eval_every), "--keep-checkpoints", "1000",
-                             *MODES[name])
+                             *MODES[server_mode])
         for shard in range(settings.workers):
             cluster.start_worker(shard, "--image-size", str(settings.image_size), "--batch-size",
                                  str(settings.batch_size), "--synthetic-size", str(settings.synthetic_size),
-                                 "--log-every", "0")
+                                 "--log-every", "0", *worker_flags)
         codes = cluster.wait(timeout=3600)
         if any(codes.values()):
             raise RuntimeError(f"{name}: processes failed {codes}; logs in {cluster.workdir}")

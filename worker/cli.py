@@ -102,7 +102,9 @@ def _launcher_server(env) -> str | None:
 @click.option("--seed", default=0, type=int, help="Data seed: the same on every worker.")
 @click.option("--synthetic-size", default=4096, type=click.IntRange(min=1), help="Samples in the whole synthetic dataset.")
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads (0: torch's default, all cores; use cores / workers when several share a machine).")
-@click.option("--overlap/--no-overlap", default=True, help="Async mode: push and prefetch the next pull while the next step computes.")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Async mode: push and prefetch the next pull while the next step computes, on weights one "
+                   "exchange old.  [default: on when training on a GPU, off on the CPU]")
 @click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @click.option("--name", default="", help="Stable worker name (default shard-<i>).")
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")

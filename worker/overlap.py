@@ -15,12 +15,12 @@ update t-1: each push is based on weights one exchange older than without
 overlap, which async mode accepts. The trainer uses it there, unbounded or with a
 staleness bound of at least 1. The server counts a worker's lag from every version
 it may still push from: each pull after a push, and the base of a push marked
-``keeps_base`` (the first one, whose weights the next step reuses). So the bound
-holds, by holding the others back rather than by dropping work, except for a
-worker whose first push already lands the bound's number of versions late: the
-step after it, on the same weights, is dropped. Sync pushes must be based on the
-round's version, and so must every push under bound 0 (it behaves as sync): no
-overlap there.
+``keeps_base`` (the first one, whose weights the next step reuses) while work on it
+can still be applied, which its reply says (``base_kept``); when it cannot, the next
+step waits for the new weights instead. So the bound holds by holding the others
+back, and no work is computed only to be dropped as too stale. Sync pushes must be
+based on the round's version, and so must every push under bound 0 (it behaves as
+sync): no overlap there.
 """
 
 from __future__ import annotations

@@ -265,7 +265,10 @@ class Trainer:
         frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
         # Transfers run while the next step computes: in async mode, where a push may be based on weights
         # one exchange old. A staleness bound of 0 is sync (every push on the newest version): no overlap.
-        if info.run.mode == "async" and info.run.staleness_bound != 0 and cfg.overlap:
+        # By default only on a GPU: on the CPU the step and the transfer compete for the same cores, and
+        # overlap measured slower there, besides the extra staleness (BENCHMARKS.md "Overlap").
+        overlap = cfg.overlap if cfg.overlap is not None else on_cuda
+        if info.run.mode == "async" and info.run.staleness_bound != 0 and overlap:
             bound = info.run.staleness_bound
             self.client = OverlappedClient(self.client, layout, staleness_bound=None if bound < 0 else bound)
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
