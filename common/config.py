@@ -90,6 +90,7 @@ class ServerConfig:
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     # After the run is done, keep answering this long so workers learn it.
     done_grace_s: float = 5.0
+    linger: bool = False  # after the run completes, keep serving the final model until stopped
 
 
 @dataclasses.dataclass(frozen=True)

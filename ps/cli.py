@@ -70,6 +70,9 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--checkpoint-every", default=0, type=click.IntRange(min=0), help="Checkpoint every V versions (0: end only).")
 @click.option("--keep-checkpoints", default=3, type=click.IntRange(min=1), help="How many checkpoints to keep.")
 @click.option("--resume", is_flag=True, help="Continue from the newest valid checkpoint in --checkpoint-dir.")
+@click.option("--linger", is_flag=True,
+              help="After --max-steps, keep serving the final model (pulls, status, health) until SIGTERM instead of "
+                   "exiting: for controllers that restart a container that exits (a Kubernetes StatefulSet).")
 @click.option("--init-from", default=None, type=click.Path(dir_okay=False), help="Start from this local state_dict (.safetensors or .pt, torchvision format).")
 @click.option("--new-head", is_flag=True, help="With --init-from: a fresh classifier head for --num-classes.")
 @click.option("--freeze-backbone", is_flag=True, help="Train only the head; only its tensors travel on the wire.")

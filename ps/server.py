@@ -316,7 +316,8 @@ class PSServer:
         """Serves until the run completes (``--max-steps``) or ``stop()``, checkpointing on the way.
 
         Run complete: the workers are told (done) and given a bounded time to
-        leave. Stopped (SIGTERM): new pushes are refused with UNAVAILABLE, those in
+        leave; with ``linger`` the server then keeps serving the final model (pulls,
+        status, health) until ``stop()``. Stopped (SIGTERM): new pushes are refused with UNAVAILABLE, those in
         flight finish, and the workers are *not* told the run is done, so they
         retry and carry on with the restarted server (``--resume``). Both end
         with a final checkpoint.
@@ -335,13 +336,20 @@ class PSServer:
                 self.metrics.evaluated(record)
             if snap.done:
                 break
-        self._set_serving(False)
         if self.store.done:
             # Pushes still arriving get a "done" reply (not UNAVAILABLE), so their workers stop cleanly.
+            if not self.config.linger:
+                self._set_serving(False)
             self.checkpoint()
             self._drain()
+            if self.config.linger:
+                log.info("run complete at version %d: serving the final model until stopped (--linger)",
+                         self.store.version)
+                self._stop.wait()
+                self._set_serving(False)
             self.shutdown()
         else:
+            self._set_serving(False)
             log.info("stopping: refusing new pushes, finishing the ones in flight")
             self.servicer.accepting = False
             self.store.interrupt_waits()

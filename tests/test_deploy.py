@@ -546,10 +546,12 @@ def test_k8s_services_reach_the_server():
 
 
 @needs_yaml
-def test_k8s_eval_is_a_deployment(monkeypatch):
-    deployment, container = k8s_workload(k8s_documents(), "Deployment", "ps-eval")
-    assert deployment["spec"]["replicas"] == 1
-    _, params = parsed(k8s_line(deployment, container), monkeypatch)
+def test_k8s_eval_is_one_job_that_completes_with_the_run(monkeypatch):
+    # ps-eval exits 0 after the final version: a Deployment would restart it, a Job completes.
+    job, container = k8s_workload(k8s_documents(), "Job", "ps-eval")
+    assert job["spec"]["parallelism"] == job["spec"]["completions"] == 1
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    _, params = parsed(k8s_line(job, container), monkeypatch)
     assert params["out"] and params["checkpoint_dir"]
 
 

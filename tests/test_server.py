@@ -348,3 +348,28 @@ def test_topk_error_feedback_sends_everything_eventually():
             sent[indices] += values
     torch.testing.assert_close(sent + topk.residual[0], update[0])
     assert torch.count_nonzero(topk.residual[0]) == 0  # three pushes of 2 of 4 elements emptied it
+
+
+def test_with_linger_a_finished_run_keeps_serving_its_final_model_until_stopped(start_server, connect):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start_server(max_steps=1, linger=True, done_grace_s=0.1)
+    serving = threading.Thread(target=server.run_until_done, daemon=True)
+    serving.start()
+    trainer = connect(server.port)
+    trainer.join("w0")
+    weights = pulled(trainer)
+    reply = trainer.push(GRAD, 0, [torch.ones_like(w) for w in weights], num_samples=1, loss=0.0)
+    assert reply.done and reply.version == 1
+    trainer.leave()
+    serving.join(timeout=2)
+    assert serving.is_alive(), "the server exited although it should linger"
+    reader = connect(server.port)
+    header = reader.pull(reader.join("late-reader", observer=True).layout.empty_regions())
+    assert header.version == 1 and header.done
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    server.stop()
+    serving.join(timeout=10)
+    assert not serving.is_alive()
