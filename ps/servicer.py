@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import torch
@@ -262,7 +262,7 @@ class ParameterServerServicer:
             self._admission.leave(ticket)  # the engine has applied, accumulated or dropped it by now
 
     def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
-                            parked) -> pb.PushResponse:
+                            parked: Callable[[], None]) -> pb.PushResponse:
         # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
         # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
