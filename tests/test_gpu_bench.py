@@ -19,3 +19,4 @@ def test_gpu_bench_smoke_on_cpu():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["alone_images_per_s"] > 0 and report["with_server_images_per_s"] > 0
+    assert report["overlapped_images_per_s"] > 0 and report["overlapped_ratio"] > 0

@@ -5,10 +5,11 @@ The one script to run when a session is lent a GPU (issue 6)::
     python -m paramhub.tools.gpu_bench                      # ResNet50, 224 px, batch 64, bf16, channels_last
     python -m paramhub.tools.gpu_bench --device cpu --model resnet18 --image-size 32 --batch-size 4 --steps 3
 
-It measures training images/s of (a) the model alone and (b) the same loop as a
+It measures training images/s of (a) the model alone, (b) the same loop as a
 paramhub worker: after each step the gradients go device → pinned host memory
 (asynchronously) and are pushed to a ps-server child process (async mode), and
-the new weights are pulled back. Both use bf16 autocast and channels_last
+the new weights are pulled back, and (c) the same worker with its transfers
+overlapped with the next step (``OverlappedClient``, as ``ps-worker`` does on a GPU). Both use bf16 autocast and channels_last
 activations, synthetic data resident on the device, and a warm-up before timing.
 Prints one JSON object.
 """
@@ -31,6 +32,7 @@ from paramhub.common.layout import PARAM, Layout
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient
+from paramhub.worker.overlap import OverlappedClient
 
 
 def _batch(batch_size: int, image_size: int, classes: int, device: torch.device):
@@ -68,8 +70,12 @@ def alone(model_name, classes, image_size, batch_size, steps, warmup, device, am
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def with_server(model_name, classes, image_size, batch_size, steps, warmup, device, amp) -> float:
-    """Images/s when every step pushes its gradients to a local ps-server and pulls the new weights."""
+def with_server(model_name, classes, image_size, batch_size, steps, warmup, device, amp,
+                overlap: bool = False) -> float:
+    """Images/s when every step pushes its gradients to a local ps-server and pulls the new weights.
+
+    With ``overlap`` the push and the pull run while the next step computes.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         port_file = f"{tmp}/port"
         server = subprocess.Popen([sys.executable, "-m", "paramhub.ps.cli", "--port", "0", "--port-file", port_file,
@@ -83,7 +89,8 @@ def with_server(model_name, classes, image_size, batch_size, steps, warmup, devi
                     raise click.ClickException("ps-server did not start")
                 time.sleep(0.1)
             with PSClient(f"127.0.0.1:{open(port_file).read().strip()}", Timeouts(connect=30)) as client:
-                return _exchange_loop(client, model_name, classes, image_size, batch_size, steps, warmup, device, amp)
+                return _exchange_loop(client, model_name, classes, image_size, batch_size, steps, warmup, device, amp,
+                                      overlap)
         finally:
             server.terminate()
             try:
@@ -92,9 +99,12 @@ def with_server(model_name, classes, image_size, batch_size, steps, warmup, devi
                 server.kill()
 
 
-def _exchange_loop(client, model_name, classes, image_size, batch_size, steps, warmup, device, amp) -> float:
+def _exchange_loop(client, model_name, classes, image_size, batch_size, steps, warmup, device, amp,
+                   overlap: bool) -> float:
     info = client.join("gpu-bench")
     layout: Layout = info.layout
+    if overlap:
+        client = OverlappedClient(client, layout)  # unbounded async: the server has no --staleness
     model = build_model(model_name, classes).to(device).to(memory_format=torch.channels_last)
     state = model.state_dict()
     pinned = device.type == "cuda"
@@ -144,8 +154,10 @@ def main(model_name, classes, image_size, batch_size, steps, warmup, device, amp
     args = (model_name, classes, image_size, batch_size, steps, warmup, device, amp)
     result = {"model": model_name, "image_size": image_size, "batch_size": batch_size, "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "amp_bf16": amp,
-              "channels_last": True, "alone_images_per_s": alone(*args), "with_server_images_per_s": with_server(*args)}
+              "channels_last": True, "alone_images_per_s": alone(*args), "with_server_images_per_s": with_server(*args),
+              "overlapped_images_per_s": with_server(*args, overlap=True)}
     result["ratio"] = result["with_server_images_per_s"] / result["alone_images_per_s"]
+    result["overlapped_ratio"] = result["overlapped_images_per_s"] / result["alone_images_per_s"]
     click.echo(json.dumps(result))
 
 
