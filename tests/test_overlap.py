@@ -15,7 +15,8 @@ from paramhub.worker.trainer import Trainer
 pytestmark = pytest.mark.timeout(120)
 
 
-def run_workers(start_server, overlap: bool, workers: int = 1, steps: int = 20, **server_options):
+def run_workers(start_server, overlap: bool | None, workers: int = 1, steps: int = 20, **server_options):
+    """Runs ``workers`` trainers (threads) against a fresh async server; returns it and worker 0's summary."""
     server = start_server(model="mlp", num_classes=4, workers=workers, mode="async", lr=0.05, max_steps=steps,
                           **server_options)
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", batch_size=8, image_size=8,
@@ -38,12 +39,8 @@ def run_workers(start_server, overlap: bool, workers: int = 1, steps: int = 20, 
     return server, summaries[0]
 
 
-def run_one_worker(start_server, overlap: bool):
-    return run_workers(start_server, overlap)
-
-
 def test_a_lone_async_worker_computes_while_its_previous_update_travels(start_server):
-    server, summary = run_one_worker(start_server, overlap=True)
+    server, summary = run_workers(start_server, overlap=True)
     histogram = server.engine.ledger.staleness_histogram
     # Alone, a worker without overlap always pushes on the newest version (staleness 0);
     # with overlap each step computes on weights one exchange old.
@@ -53,7 +50,7 @@ def test_a_lone_async_worker_computes_while_its_previous_update_travels(start_se
 
 
 def test_without_overlap_a_lone_worker_is_never_stale(start_server):
-    server, _ = run_one_worker(start_server, overlap=False)
+    server, _ = run_workers(start_server, overlap=False)
     assert set(server.engine.ledger.staleness_histogram) == {0}
 
 
