@@ -65,9 +65,10 @@ def test_under_a_staleness_bound_overlapped_workers_keep_it_and_lose_no_work(sta
     assert sum(n for staleness, n in histogram.items() if staleness >= 1) >= 20, histogram  # overlap at work
 
 
-def test_a_staleness_bound_of_zero_is_sync_so_workers_do_not_overlap(start_server):
+def test_a_staleness_bound_of_zero_is_sync_so_workers_do_not_overlap(start_server, caplog):
     server, _ = run_workers(start_server, overlap=True, staleness=0)
     assert set(server.engine.ledger.staleness_histogram) == {0} and server.engine.pushes_dropped == 0
+    assert "--overlap has no effect" in caplog.text  # asked for explicitly: the worker says why not
 
 
 def test_by_default_a_cpu_worker_does_not_overlap(start_server):

@@ -268,9 +268,13 @@ class Trainer:
         # By default only on a GPU: on the CPU the step and the transfer compete for the same cores, and
         # overlap measured slower there, besides the extra staleness (BENCHMARKS.md "Overlap").
         overlap = cfg.overlap if cfg.overlap is not None else on_cuda
-        if info.run.mode == "async" and info.run.staleness_bound != 0 and overlap:
+        overlap_allowed = info.run.mode == "async" and info.run.staleness_bound != 0
+        if overlap and overlap_allowed:
             bound = info.run.staleness_bound
             self.client = OverlappedClient(self.client, layout, staleness_bound=None if bound < 0 else bound)
+        elif cfg.overlap:
+            log.warning("[worker %d] --overlap has no effect: the server runs %s", cfg.shard,
+                        "sync mode" if info.run.mode == "sync" else "with --staleness 0 (sync)")
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)
