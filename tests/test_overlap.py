@@ -75,3 +75,33 @@ def test_by_default_a_cpu_worker_does_not_overlap(start_server):
     # On the CPU the step and the transfer share the cores (measured slower): overlap is for GPU workers.
     server, _ = run_workers(start_server, overlap=None)
     assert set(server.engine.ledger.staleness_histogram) == {0}
+
+
+def test_over_partitions_with_a_staleness_bound_workers_do_not_overlap(start_server, caplog):
+    # Each partition holds pushes back on its own: overlapped workers could wait on each other across
+    # partitions until the wait timed out (20 s here, seen in about one run in eight).
+    from paramhub.worker.partitions import PartitionedClient
+
+    servers = [start_server(model="mlp", num_classes=4, workers=2, mode="async", lr=0.05, max_steps=16, staleness=1,
+                            partition=(k, 2)) for k in range(2)]
+    config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0, overlap=True,
+                          timeouts=fast_timeouts(round=60))
+    errors = []
+
+    def run(shard):
+        try:
+            with PartitionedClient([PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in servers]) as client:
+                Trainer(dataclasses.replace(config, shard=shard), client).run()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert "--overlap has no effect: the model is partitioned" in caplog.text
+    assert "waited" not in caplog.text  # no push waited out its bound
+    for server in servers:
+        assert server.store.version == 16 and max(server.engine.ledger.staleness_histogram) <= 1

@@ -33,6 +33,23 @@ from paramhub.common.layout import Layout
 from paramhub.common.pb import paramhub_pb2 as pb
 
 
+def overlap_refusal(run: pb.RunSpec) -> str:
+    """Why a worker of this run may not overlap its transfers with its steps ("" if it may).
+
+    Sync pushes, and every push under staleness bound 0, must be based on the newest
+    version. Over several partitions under a bound, each partition holds pushes back
+    on its own: a worker waiting in one while its prefetched weights hold the others
+    back in another deadlocks until the wait times out (measured).
+    """
+    if run.mode != "async":
+        return "the server runs sync mode"
+    if run.staleness_bound == 0:
+        return "the server runs with --staleness 0 (sync)"
+    if run.staleness_bound > 0 and run.num_partitions > 1:
+        return "the model is partitioned and the server runs with a staleness bound"
+    return ""
+
+
 class OverlappedClient:
     """A client whose pushes and pulls run behind the computation.
 

@@ -27,7 +27,7 @@ from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
 from paramhub.worker.compression import TopKErrorFeedback
-from paramhub.worker.overlap import OverlappedClient
+from paramhub.worker.overlap import OverlappedClient, overlap_refusal
 
 log = logging.getLogger("paramhub.worker")
 
@@ -263,18 +263,15 @@ class Trainer:
         on_cuda = device.type == "cuda"
         model.to(device)
         frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
-        # Transfers run while the next step computes: in async mode, where a push may be based on weights
-        # one exchange old. A staleness bound of 0 is sync (every push on the newest version): no overlap.
         # By default only on a GPU: on the CPU the step and the transfer compete for the same cores, and
         # overlap measured slower there, besides the extra staleness (BENCHMARKS.md "Overlap").
         overlap = cfg.overlap if cfg.overlap is not None else on_cuda
-        overlap_allowed = info.run.mode == "async" and info.run.staleness_bound != 0
-        if overlap and overlap_allowed:
+        refusal = overlap_refusal(info.run)
+        if overlap and not refusal:
             bound = info.run.staleness_bound
             self.client = OverlappedClient(self.client, layout, staleness_bound=None if bound < 0 else bound)
         elif cfg.overlap:
-            log.warning("[worker %d] --overlap has no effect: the server runs %s", cfg.shard,
-                        "sync mode" if info.run.mode == "sync" else "with --staleness 0 (sync)")
+            log.warning("[worker %d] --overlap has no effect: %s", cfg.shard, refusal)
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)
