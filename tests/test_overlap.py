@@ -77,13 +77,12 @@ def test_by_default_a_cpu_worker_does_not_overlap(start_server):
     assert set(server.engine.ledger.staleness_histogram) == {0}
 
 
-def test_over_partitions_with_a_staleness_bound_workers_do_not_overlap(start_server, caplog):
-    # Each partition holds pushes back on its own: overlapped workers could wait on each other across
-    # partitions until the wait timed out (20 s here, seen in about one run in eight).
+def run_partitioned(start_server, **server_options):
+    """Two overlapping workers over two partition servers (async); returns the servers."""
     from paramhub.worker.partitions import PartitionedClient
 
-    servers = [start_server(model="mlp", num_classes=4, workers=2, mode="async", lr=0.05, max_steps=16, staleness=1,
-                            partition=(k, 2)) for k in range(2)]
+    servers = [start_server(model="mlp", num_classes=4, workers=2, mode="async", lr=0.05, max_steps=16,
+                            partition=(k, 2), **server_options) for k in range(2)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0, overlap=True,
                           timeouts=fast_timeouts(round=60))
     errors = []
@@ -101,6 +100,20 @@ def test_over_partitions_with_a_staleness_bound_workers_do_not_overlap(start_ser
     for t in threads:
         t.join(timeout=90)
     assert not errors and not any(t.is_alive() for t in threads), errors
+    return servers
+
+
+def test_unbounded_async_workers_overlap_over_partitions(start_server, caplog):
+    servers = run_partitioned(start_server)
+    assert "--overlap has no effect" not in caplog.text
+    for server in servers:
+        assert server.store.version == 16 and server.engine.ledger.total >= 16
+
+
+def test_over_partitions_with_a_staleness_bound_workers_do_not_overlap(start_server, caplog):
+    # Each partition holds pushes back on its own: overlapped workers could wait on each other across
+    # partitions until the wait timed out (20 s here, seen in about one run in eight).
+    servers = run_partitioned(start_server, staleness=1)
     assert "--overlap has no effect: the model is partitioned" in caplog.text
     assert "waited" not in caplog.text  # no push waited out its bound
     for server in servers:
