@@ -315,7 +315,9 @@ class AsyncEngine(ConsistencyEngine):
       right after a pull replaces it (polling), and an applied or dropped push
       settles its base (once) and everything older; a push marked ``keeps_base`` (the
       worker computes on the same weights again) leaves its base pending while
-      that base is still within the bound;
+      that base is still within the bound, and its reply says so (``base_kept``);
+    - a push that starts to wait calls ``parked`` (the servicer frees its admission
+      slot), so the pushes it waits for can be received;
     - when every worker that blocks progress is itself waiting, their pushes are
       applied together as one update (with s = 0 this is exactly a sync round);
     - a wait ends after ``wait_timeout`` seconds (the stragglers' later pushes
