@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-
 import pytest
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, train_in_threads
 from paramhub.common.config import WorkerConfig
 from paramhub.worker.client import PSClient
-from paramhub.worker.trainer import Trainer
+from paramhub.worker.partitions import PartitionedClient
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def run_workers(start_server, overlap: bool | None, workers: int = 1, steps: int = 20, **server_options):
-    """Runs ``workers`` trainers (threads) against a fresh async server; returns it and worker 0's summary."""
+    """Runs ``workers`` trainers against a fresh async server; returns it and worker 0's summary."""
     server = start_server(model="mlp", num_classes=4, workers=workers, mode="async", lr=0.05, max_steps=steps,
                           **server_options)
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", batch_size=8, image_size=8,
                           synthetic_size=256, log_every=0, overlap=overlap, timeouts=fast_timeouts())
-    summaries, errors = {}, []
-
-    def run(shard):
-        try:
-            with PSClient(config.server, config.timeouts) as client:
-                summaries[shard] = Trainer(dataclasses.replace(config, shard=shard), client).run()
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not errors and not any(t.is_alive() for t in threads), errors
-    return server, summaries[0]
+    return server, train_in_threads(config, workers, timeout=90)[0]
 
 
 def test_a_lone_async_worker_computes_while_its_previous_update_travels(start_server):
@@ -79,27 +61,12 @@ def test_by_default_a_cpu_worker_does_not_overlap(start_server):
 
 def run_partitioned(start_server, **server_options):
     """Two overlapping workers over two partition servers (async); returns the servers."""
-    from paramhub.worker.partitions import PartitionedClient
-
     servers = [start_server(model="mlp", num_classes=4, workers=2, mode="async", lr=0.05, max_steps=16,
                             partition=(k, 2), **server_options) for k in range(2)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0, overlap=True,
                           timeouts=fast_timeouts(round=60))
-    errors = []
-
-    def run(shard):
-        try:
-            with PartitionedClient([PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in servers]) as client:
-                Trainer(dataclasses.replace(config, shard=shard), client).run()
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not errors and not any(t.is_alive() for t in threads), errors
+    train_in_threads(config, 2, timeout=90, make_client=lambda: PartitionedClient(
+        [PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in servers]))
     return servers
 
 

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, train_in_threads
 from helpers_unit import property_settings
 from paramhub.common.config import WorkerConfig
 from paramhub.common.layout import Layout, LayoutError, partition_names
 from paramhub.common.models import build_model
 from paramhub.worker.client import PSClient, RunFailed
 from paramhub.worker.partitions import PartitionedClient, _Slices, combine_layouts
-from paramhub.worker.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,23 +56,12 @@ def train(start_server, partitions: int, steps: int = 5, **server_options) -> di
                             partition=(k, partitions), **server_options) for k in range(partitions)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0,
                           timeouts=fast_timeouts())
-    errors = []
 
-    def run(shard):
+    def make_client():
         clients = [PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in reversed(servers)]  # any order
-        client = clients[0] if len(clients) == 1 else PartitionedClient(clients)
-        try:
-            with client:
-                Trainer(dataclasses.replace(config, shard=shard), client).run()
-        except Exception as exc:
-            errors.append(exc)
+        return clients[0] if len(clients) == 1 else PartitionedClient(clients)
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    train_in_threads(config, 2, make_client, timeout=120)
     state = {}
     for server in servers:
         assert server.store.version == steps
