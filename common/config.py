@@ -40,9 +40,17 @@ class ServerConfig:
     update: str = "grad"
     workers: int = 1
     backup_workers: int = 0
+    # sync: "all" (a round waits for N - b pushes; late ones are dropped), or "auto" / a number Q: a
+    # round closes after the quorum (auto: N - b if b else a majority) and an adaptive grace window
+    # (median + grace_k MAD of recent arrival times), and late pushes are folded into the next update
+    quorum: str | int = "all"
+    grace_k: float = 3.0
     # async: the staleness bound s (None: unbounded); damping None means "on for async averaging".
     staleness: int | None = None
     staleness_damping: bool | None = None
+    # async: scale each update by its share of the global batch, so --lr is the sync-equivalent rate
+    # (None: on in gradient mode; sync rounds are the whole global batch already)
+    batch_share: bool | None = None
     # gradient mode: the server's optimizer and its schedule by version
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -91,6 +99,23 @@ class ServerConfig:
     # After the run is done, keep answering this long so workers learn it.
     done_grace_s: float = 5.0
     linger: bool = False  # after the run completes, keep serving the final model until stopped
+
+    def __post_init__(self):
+        """Cross-field checks (ValueError), so every way of building a config gets them."""
+        quorum = self.quorum
+        if isinstance(quorum, bool) or not (quorum in ("all", "auto") or isinstance(quorum, int)):
+            raise ValueError(f"quorum must be 'all', 'auto' or a number of pushes, got {quorum!r}")
+        if quorum != "all":
+            if self.mode != "sync":
+                raise ValueError("quorum only applies to --mode sync")
+            if isinstance(quorum, int) and not 1 <= quorum <= self.workers:
+                raise ValueError(f"quorum must be from 1 to --workers ({self.workers}), got {quorum}")
+            if isinstance(quorum, int) and self.backup_workers:
+                raise ValueError("give either a quorum Q or --backup-workers (auto uses N - b), not both")
+        if not self.grace_k >= 0:
+            raise ValueError(f"grace_k must be >= 0, got {self.grace_k}")
+        if self.batch_share and self.mode != "async":
+            raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
 
 
 @dataclasses.dataclass(frozen=True)

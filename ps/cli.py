@@ -30,6 +30,14 @@ def _positive(ctx, param, value):
     return value
 
 
+def _quorum(ctx, param, value: str) -> str | int:
+    if value in ("all", "auto"):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected all, auto or a number of pushes >= 1, got {value!r}")
+    return int(value)
+
+
 def _partition(ctx, param, value: str) -> tuple[int, int]:
     k, sep, m = value.partition("/")
     if not sep or not k.isdigit() or not m.isdigit() or not 0 <= int(k) < int(m):
@@ -48,8 +56,11 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--update", default="grad", type=click.Choice(UPDATES), help="What workers push.")
 @click.option("--workers", default=1, type=click.IntRange(min=1), help="N: workers a sync round expects.")
 @click.option("--backup-workers", default=0, type=click.IntRange(min=0), help="b: a round closes after N-b pushes.")
+@click.option("--quorum", default="all", callback=_quorum, help="Sync: all (wait for N-b, drop late pushes), auto or Q: close after the quorum (auto: N-b, else a majority) and an adaptive grace window; late pushes go into the next update, damped.")
+@click.option("--grace-k", default=3.0, type=click.FloatRange(min=0), help="--quorum auto: the grace window is median + k MAD of recent rounds' arrival times.")
 @click.option("--staleness", default=None, type=click.IntRange(min=0), help="Async: the staleness bound s (default unbounded); 0 behaves as sync.")
 @click.option("--staleness-damping/--no-staleness-damping", default=None, help="Scale each update by 1/(1+staleness) [default: on for async avg, else off].")
+@click.option("--batch-share/--no-batch-share", default=None, help="Async: scale each update by its share of the global batch, so --lr is the sync-equivalent rate [default: on for async grad].")
 @click.option("--optimizer", default="sgd", type=click.Choice(OPTIMIZERS), help="Gradient mode: the server's optimizer.")
 @click.option("--lr", default=0.1, type=float, callback=_positive, help="Gradient mode: the server's learning rate.")
 @click.option("--momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="SGD momentum.")
@@ -118,11 +129,14 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
     for key in ("metrics_port", "http_port"):
         options[key] = options[key] or None  # 0 is off here; in ServerConfig 0 picks a free port (tests)
     security = pop_security(options)
-    config = ServerConfig(
-        **options,
-        security=security,
-        timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
-    )
+    try:
+        config = ServerConfig(
+            **options,
+            security=security,
+            timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
+        )
+    except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share)
+        raise click.UsageError(str(exc)) from None
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError, initial_state_in_child

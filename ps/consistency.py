@@ -6,10 +6,14 @@ owns the dedup check, so a retried push is applied at most once, and the ledger
 of applied updates. The servicer calls ``submit``, ``on_pull`` and ``tick``
 without knowing which engine it has.
 
-- ``SyncRounds`` (``--mode sync``): bulk-synchronous rounds with backup workers.
+- ``SyncRounds`` (``--mode sync``): bulk-synchronous rounds with backup workers,
+  or (``--quorum auto``) rounds that close after a quorum and an adaptive grace
+  window and fold late pushes into the next update.
 - ``AsyncEngine`` (``--mode async``): each push applies on arrival; with a
   staleness bound s, no push more than s versions stale is applied, and pushes
-  that would push a slower worker past the bound wait for it (SSP).
+  that would push a slower worker past the bound wait for it (SSP). With
+  ``batch_share`` each update is scaled by its share of the global batch, so
+  ``--lr`` is the synchronous-equivalent rate.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from paramhub.common.codec import Piece
 from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.errors import FailedPrecondition, Unavailable
+from paramhub.ps.grace import GraceWindow
 from paramhub.ps.ledger import Ledger, LedgerEntry
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
@@ -101,6 +106,8 @@ class ConsistencyEngine:
         self.pushes_dropped = 0
         self.last_loss = float("nan")
         self.metrics = MetricsHook()  # the server installs ServerMetrics when metrics are on
+        # set when the engine has a new deadline sooner than the Ticker's next tick (see ``due_in``)
+        self.wakeup = threading.Event()
 
     # -- called by the servicer -----------------------------------------------------
 
@@ -162,6 +169,10 @@ class ConsistencyEngine:
                 self._on_tick([r.worker_id for r in lost])
             self.store.lock.notify_all()
 
+    def due_in(self) -> float | None:
+        """Seconds until the engine next needs a tick sooner than the Ticker's interval; None: no such need."""
+        return None
+
     @property
     def round_pushes(self) -> int:
         """Pushes held for the next update (sync: the round so far; async: those waiting)."""
@@ -181,28 +192,32 @@ class ConsistencyEngine:
         return PushResult(outcome, version, version if next_version is None else next_version, self.store.done,
                           reason, base_kept)
 
-    def _accumulate(self, push: StagedPush) -> LedgerEntry:
+    def _accumulate(self, push: StagedPush, damp: bool | None = None) -> LedgerEntry:
         """Adds a push to the next update's mean (damped for its staleness); returns its ledger line.
 
-        The ledger line's ``version`` is filled in by ``_publish``.
+        ``damp`` overrides the engine's ``damping`` for this push. The ledger
+        line's ``version`` and ``share`` are filled in by ``_publish``.
         """
         staleness = self.store.version - push.base_version
-        scale = damping_scale(staleness) if self.damping else 1.0
+        scale = damping_scale(staleness) if (self.damping if damp is None else damp) else 1.0
         per_region = [scale if r in self._param_regions else 1.0 for r in range(len(self.store.layout.regions))]
         self._mean.add(push.pieces, float(push.num_samples), per_region)
         self._losses.append(push.loss)
         return LedgerEntry(0, push.worker_id, push.sequence, push.base_version, staleness, scale, push.num_samples)
 
-    def _publish(self, contributions: list[LedgerEntry]) -> int:
+    def _publish(self, contributions: list[LedgerEntry], share: float = 1.0) -> int:
         """Applies the accumulated mean as one update; returns the new version.
 
-        PARAM regions go through the update rule; BUFFER regions (BatchNorm
-        statistics) become the plain sample-weighted mean.
+        PARAM regions go through the update rule, their mean first multiplied by
+        ``share`` (async: the update's share of the global batch); BUFFER regions
+        (BatchNorm statistics) become the plain sample-weighted mean.
         """
         snapshot = self.store.snapshot()
         averaged = self._mean.mean_()  # in place: the sums become the mean
         regions = list(snapshot.regions)
         for r in self._param_regions:
+            if share != 1.0:  # skipped at 1.0, so an unscaled update stays bit for bit what it was
+                averaged[r].mul_(share)
             state = self.store.rule_state.setdefault(r, {})
             # the new weights overwrite the mean, which is not needed after the step
             regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version, out=averaged[r])
@@ -212,7 +227,7 @@ class ConsistencyEngine:
         # The next sums take the memory of an old version that no pull reads any more, so a
         # steady run allocates nothing of the model's size per update.
         self._mean.reset(self.store.reclaim())
-        entries = [dataclasses.replace(entry, version=new_version) for entry in contributions]
+        entries = [dataclasses.replace(entry, version=new_version, share=share) for entry in contributions]
         for entry in entries:
             self.ledger.record(entry)
         self.last_loss = sum(self._losses) / len(self._losses)
@@ -225,43 +240,109 @@ class ConsistencyEngine:
         return new_version
 
 
-class SyncRounds(ConsistencyEngine):
-    """Bulk-synchronous rounds (BSP), with backup workers and bounded waits.
+QUORUM_MODES = ("all", "auto")
 
-    Round r takes pushes based on version r. It closes when ``quorum`` pushes
-    arrived: N − b, less the workers whose lease expired. Pushes for a closed round
-    are dropped and counted; the worker is told to pull. ``round_timeout`` closes a
-    round with whatever arrived, so a round never waits forever.
+
+def auto_quorum(num_workers: int, backup_workers: int = 0) -> int:
+    """The quorum of ``--quorum auto``: N − b when backup workers are given, else a strict majority of N."""
+    return num_workers - backup_workers if backup_workers else num_workers // 2 + 1
+
+
+class SyncRounds(ConsistencyEngine):
+    """Bulk-synchronous rounds (BSP), with backup workers or an adaptive quorum, and bounded waits.
+
+    Round r takes pushes based on version r. ``round_timeout`` closes a round with
+    whatever arrived, so a round never waits forever. Workers whose lease expired
+    are not waited for.
+
+    ``quorum="all"`` (the default): a round closes when N − b pushes arrived (less
+    the lost workers). Pushes for a closed round are dropped and counted; the
+    worker is told to pull (backup workers).
+
+    ``quorum="auto"`` or an integer Q (adaptive): a round closes when (a) every
+    live expected worker pushed, or (b) at least the quorum pushed (``auto``: N − b
+    if backup workers are given, else a strict majority, N // 2 + 1; or Q) and the
+    grace window has passed since the round's first push. The window is
+    median + k·MAD of recent rounds' arrival offsets (``GraceWindow``); before
+    any round was measured it is unknown and a round waits for everyone (a).
+    A round's offsets are measured once it is complete: at once if everyone
+    pushed on time, else at the next close, with its late arrivals.
+
+    A late push (based on the previous round, whose worker did not push for it
+    yet) is not wasted: it is accepted and added to the *current* round's mean,
+    damped by 1/(1 + staleness) = 1/2, and recorded in the ledger with its true
+    base version and staleness 1. It does not count towards the current round's
+    quorum, and its worker is told to pull the current version: that worker's
+    fresh push for the current round is accepted as well (one push per worker per
+    round, counted by the round its base belongs to). A push two or more rounds
+    late is dropped (``too_stale``); a second push for the previous round from a
+    worker that already gave one is dropped (``closed_round``).
 
     Args:
         num_workers: N, the workers the run expects.
         backup_workers: b, how many of the slowest pushes a round does not wait for.
         round_timeout: seconds after a round's first push before it closes anyway.
+        quorum: ``"all"``, ``"auto"`` or a number of pushes Q (1 ≤ Q ≤ N).
+        grace: the window estimator for an adaptive quorum (default ``GraceWindow()``).
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
-                 num_workers: int, backup_workers: int = 0, round_timeout: float | None = None, **kwargs):
+                 num_workers: int, backup_workers: int = 0, round_timeout: float | None = None,
+                 quorum: str | int = "all", grace: GraceWindow | None = None, **kwargs):
         super().__init__(store, rule, registry, **kwargs)
         if not 0 <= backup_workers < num_workers:
             raise ValueError(f"backup workers ({backup_workers}) must be fewer than workers ({num_workers})")
+        if isinstance(quorum, bool) or not (quorum in QUORUM_MODES or
+                                            isinstance(quorum, int) and 1 <= quorum <= num_workers):
+            raise ValueError(f"quorum must be 'all', 'auto' or a number from 1 to {num_workers}, got {quorum!r}")
         self.num_workers = num_workers
         self.backup_workers = backup_workers
         self.round_timeout = round_timeout
+        self.adaptive = quorum != "all"
+        self._auto_quorum = quorum if isinstance(quorum, int) else auto_quorum(num_workers, backup_workers)
+        self.grace = (grace or GraceWindow()) if self.adaptive else None
         self._round: list[LedgerEntry] = []  # pushes already added to the mean
         self._round_started: float | None = None
+        # adaptive quorum only
+        self._offsets: list[float] = []  # arrival offsets of this round's pushes
+        self._late: list[LedgerEntry] = []  # late pushes for the previous round, folded into this one
+        self._previous_started: float | None = None  # when the previous round's first push came
+        self._previous_offsets: list[float] | None = None  # its offsets, while late arrivals may add to them
+        self._previous_workers: set[int] = set()  # who contributed to the previous round (on time or late)
+        self._logged_window: float | None = None
 
     @property
     def round_pushes(self) -> int:
         with self.store.lock:
-            return len(self._round)
+            return len(self._round) + len(self._late)
+
+    def expected(self) -> int:
+        """The live workers a round waits for at most: N less the lost ones."""
+        return max(1, self.num_workers - self.registry.lost_trainers())
 
     def quorum(self) -> int:
-        """Pushes needed to close the current round."""
+        """Pushes needed to close the current round (adaptive: once the grace window has passed)."""
+        if self.adaptive:
+            return min(self._auto_quorum, self.expected())
         return max(1, self.num_workers - self.backup_workers - self.registry.lost_trainers())
+
+    def due_in(self) -> float | None:
+        with self.store.lock:
+            window = self.grace.window() if self.adaptive else None
+            if window is None or self.store.done or self._round_started is None or len(self._round) < self.quorum():
+                return None
+            return max(0.0, self._round_started + window - self._clock())
+
+    def _grace_passed(self, now: float) -> bool:
+        window = self.grace.window()
+        return (window is not None and len(self._round) >= self.quorum()
+                and now - self._round_started >= window)
 
     def _admit(self, push: StagedPush, record: WorkerRecord) -> PushResult:
         version = self.store.version
         if push.base_version < version:
+            if self.adaptive:
+                return self._admit_late(push, record, version)
             log.info("dropped push of %s for closed round %d (now %d)", record.name, push.base_version, version,
                      extra={"event": "push_dropped", "reason": "closed_round", "worker": record.name,
                             "base_version": push.base_version, "version": version})
@@ -271,31 +352,92 @@ class SyncRounds(ConsistencyEngine):
         if any(p.worker_id == push.worker_id for p in self._round):
             raise FailedPrecondition(f"{record.name} already pushed for round {version}; pull before pushing again")
         self._round.append(self._accumulate(push))  # in place: memory does not grow with workers
+        now = self._clock()
         if self._round_started is None:
-            self._round_started = self._clock()
-        if len(self._round) >= self.quorum():
-            self._close_round("quorum")
+            self._round_started = now
+        if not self.adaptive:
+            if len(self._round) >= self.quorum():
+                self._close_round("quorum")
+        else:
+            self._offsets.append(now - self._round_started)
+            if len(self._round) >= self.expected():
+                self._close_round("quorum")
+            elif self._grace_passed(now):
+                self._close_round("grace window")
+            elif len(self._round) == self.quorum() and self.grace.window() is not None:
+                self.wakeup.set()  # the Ticker closes the round when the window ends
         return self._result(pb.PUSH_OUTCOME_ACCEPTED, next_version=version + 1)
+
+    def _admit_late(self, push: StagedPush, record: WorkerRecord, version: int) -> PushResult:
+        """Adaptive quorum: a push for a closed round joins the current one, damped, or is dropped."""
+        late = version - push.base_version
+        if late > 1:
+            log.info("dropped push of %s: %d rounds late", record.name, late,
+                     extra={"event": "push_dropped", "reason": "too_stale", "worker": record.name,
+                            "base_version": push.base_version, "version": version})
+            return self._result(pb.PUSH_OUTCOME_DROPPED, reason="too_stale")
+        if push.worker_id in self._previous_workers:
+            log.info("dropped push of %s: it already pushed for round %d", record.name, push.base_version,
+                     extra={"event": "push_dropped", "reason": "closed_round", "worker": record.name,
+                            "base_version": push.base_version, "version": version})
+            return self._result(pb.PUSH_OUTCOME_DROPPED, reason="closed_round")
+        self._previous_workers.add(push.worker_id)
+        if self._previous_offsets is not None:
+            self._previous_offsets.append(self._clock() - self._previous_started)
+        self._late.append(self._accumulate(push, damp=True))
+        log.info("late push of %s for round %d folded into round %d, damped", record.name, push.base_version,
+                 version, extra={"event": "push_folded", "worker": record.name, "base_version": push.base_version,
+                                 "version": version, "scale": self._late[-1].scale})
+        return self._result(pb.PUSH_OUTCOME_ACCEPTED)  # next_version = version: pull, then push for this round
 
     def _on_tick(self, lost_worker_ids: list[int]) -> None:
         if not self._round:
             return
-        if len(self._round) >= self.quorum():
+        now = self._clock()
+        if len(self._round) >= (self.expected() if self.adaptive else self.quorum()):
             self._close_round("lost workers")
-        elif self.round_timeout is not None and self._clock() - self._round_started > self.round_timeout:
+        elif self.adaptive and self._grace_passed(now):
+            self._close_round("grace window")
+        elif self.round_timeout is not None and now - self._round_started > self.round_timeout:
             self._close_round("round timeout")
 
     def _close_round(self, reason: str) -> None:
         count = len(self._round)
         self.metrics.round_waited(self._clock() - self._round_started)
-        version = self._publish(self._round)
-        # every round is an event for JSON logs; only the ones that did not wait for their quorum are news
-        log.log(logging.DEBUG if reason == "quorum" else logging.WARNING,
+        version = self._publish(self._round + self._late)
+        # every round is an event for JSON logs; only the ones that did not wait for their quorum (and,
+        # adaptive, the grace window) are news
+        log.log(logging.DEBUG if reason in ("quorum", "grace window") else logging.WARNING,
                 "round %d closed by %s with %d of %d pushes", version - 1, reason, count, self.num_workers,
                 extra={"event": "round_closed", "round": version - 1, "reason": reason, "pushes": count,
-                       "workers": self.num_workers})
+                       "workers": self.num_workers, "late_pushes": len(self._late)})
+        if self.adaptive:
+            self._measure(complete=count >= self.expected())
         self._round = []
         self._round_started = None
+
+    def _measure(self, complete: bool) -> None:
+        """Feeds the grace window: the previous round (its late arrivals are in), and this one if complete."""
+        if self._previous_offsets is not None:
+            self._observe(self._previous_offsets)
+        self._previous_started = self._round_started
+        self._previous_workers = {entry.worker_id for entry in self._round}
+        if complete:
+            self._observe(self._offsets)
+            self._previous_offsets = None
+        else:
+            self._previous_offsets = self._offsets
+        self._offsets = []
+        self._late = []
+
+    def _observe(self, offsets: list[float]) -> None:
+        self.grace.observe(offsets)
+        window, logged = self.grace.window(), self._logged_window
+        if window is not None and (logged is None or abs(window - logged) > 0.2 * logged):
+            log.info("grace window now %.3fs (median + %g MAD over %d rounds)", window, self.grace.k,
+                     self.grace.rounds, extra={"event": "grace_window", "window_s": window, "k": self.grace.k,
+                                               "rounds": self.grace.rounds})
+            self._logged_window = window
 
 
 class AsyncEngine(ConsistencyEngine):
@@ -324,13 +466,25 @@ class AsyncEngine(ConsistencyEngine):
       will then be too stale and dropped), and a worker whose lease expires stops
       blocking anyone.
 
+    With ``batch_share`` the learning rate is the synchronous-equivalent one: an
+    update's PARAM mean (damped per push as usual) is multiplied by the share of
+    the global batch it carries, (its pushes' samples) / (global batch), capped at
+    1, before the rule. The global batch is the sum over the live trainers of the
+    samples of each one's latest push (a live worker that has not pushed yet
+    counts as the mean of those that have), so N workers pushing equal batches
+    each move the weights 1/N of a sync step, and k pushes applied together
+    count k shares. BatchNorm buffers stay the plain mean. The factor is the
+    ledger entries' ``share``.
+
     Args:
         staleness_bound: s, or None for unbounded.
         wait_timeout: the longest a push waits for slower workers.
+        batch_share: scale each update by its share of the global batch.
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
-                 staleness_bound: int | None = None, wait_timeout: float = 300.0, **kwargs):
+                 staleness_bound: int | None = None, wait_timeout: float = 300.0, batch_share: bool = False,
+                 **kwargs):
         super().__init__(store, rule, registry, **kwargs)
         if staleness_bound is not None and staleness_bound < 0:
             raise ValueError(f"the staleness bound must be >= 0, got {staleness_bound}")
@@ -341,6 +495,8 @@ class AsyncEngine(ConsistencyEngine):
         self._waiting: list[StagedPush] = []
         self._applied: dict[tuple[int, int], bool] = {}  # (worker, sequence) of waiting pushes now applied
         # -> whether its base was kept pending
+        self.batch_share = batch_share
+        self._samples: dict[int, int] = {}  # worker id -> samples of its latest applied push (batch_share)
 
     @property
     def round_pushes(self) -> int:
@@ -394,7 +550,7 @@ class AsyncEngine(ConsistencyEngine):
             self._settle(push)
             return self._result(pb.PUSH_OUTCOME_DROPPED, reason="too_stale")
         if bound is None:
-            self._publish([self._accumulate(push)])
+            self._publish([self._accumulate(push)], self._share([push]))
             return self._result(pb.PUSH_OUTCOME_ACCEPTED)
         bases = self._pending.setdefault(push.worker_id, [])
         if push.base_version not in bases:  # e.g. the version Join gave, with no pull
@@ -426,6 +582,17 @@ class AsyncEngine(ConsistencyEngine):
         if self._waiting:
             self._drain(force=False)
 
+    def _share(self, batch: list[StagedPush]) -> float:
+        """The share of the global batch that ``batch`` (applied as one update) carries; 1.0 when off."""
+        if not self.batch_share:
+            return 1.0
+        for p in batch:
+            self._samples[p.worker_id] = p.num_samples
+        live = {r.worker_id for r in self.registry.trainers() if r.alive} | {p.worker_id for p in batch}
+        known = [self._samples[w] for w in live if w in self._samples]
+        global_batch = sum(known) * len(live) / len(known)  # those not heard from yet count as the mean
+        return min(1.0, sum(p.num_samples for p in batch) / global_batch)
+
     def _blockers(self, version: int) -> set[int]:
         """Live pending workers that one more update would leave more than s versions behind."""
         alive = {r.worker_id for r in self.registry.trainers() if r.alive}
@@ -445,7 +612,7 @@ class AsyncEngine(ConsistencyEngine):
                 batch = [p for p in self._waiting if p.worker_id in blockers]
             else:
                 return  # someone still computing would fall too far behind: wait for them
-            self._publish([self._accumulate(p) for p in batch])
+            self._publish([self._accumulate(p) for p in batch], self._share(batch))
             for p in batch:
                 self._waiting.remove(p)
                 self._applied[(p.worker_id, p.sequence)] = self._settle(p)
@@ -457,7 +624,13 @@ class AsyncEngine(ConsistencyEngine):
 
 
 class Ticker:
-    """Calls ``engine.tick`` every ``interval`` seconds on a daemon thread until stopped."""
+    """Calls ``engine.tick`` every ``interval`` seconds on a daemon thread until stopped.
+
+    Sooner when the engine asks: it sets ``engine.wakeup`` when it has a new
+    deadline and says how far off it is in ``engine.due_in()`` (an adaptive
+    round's grace window), so the tick comes at the deadline, not up to
+    ``interval`` after it, and nothing polls.
+    """
 
     def __init__(self, engine: ConsistencyEngine, interval: float = 0.5):
         self._engine = engine
@@ -471,11 +644,23 @@ class Ticker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._engine.wakeup.set()
         self._thread.join(timeout=5)
 
+    def _timeout(self) -> float:
+        due = self._engine.due_in()
+        return self._interval if due is None else min(self._interval, max(due, 0.001))
+
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        timeout = self._interval
+        while True:
+            self._engine.wakeup.wait(timeout)
+            self._engine.wakeup.clear()  # before the tick: a deadline set during it wakes the next wait
+            if self._stop.is_set():
+                return
             try:
                 self._engine.tick()
+                timeout = self._timeout()
             except Exception:  # keep ticking; a bug here must not stop leases
                 log.exception("tick failed")
+                timeout = self._interval

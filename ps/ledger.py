@@ -19,6 +19,9 @@ class LedgerEntry:
     staleness: int  # version at apply time − base_version
     scale: float  # staleness damping factor applied to the update (1.0 when off)
     num_samples: int
+    # async --batch-share: the update's share of the global batch, the factor on the whole applied
+    # update's PARAM mean (the same for every push applied together; 1.0 in sync mode or when off)
+    share: float = 1.0
 
 
 class Ledger:
@@ -53,6 +56,7 @@ class Ledger:
         return {
             "ledger.entries": torch.tensor(rows, dtype=torch.int64).reshape(-1, 6),
             "ledger.scales": torch.tensor([e.scale for e in self.entries], dtype=torch.float64),
+            "ledger.shares": torch.tensor([e.share for e in self.entries], dtype=torch.float64),
             "ledger.histogram": torch.tensor(sorted(self.staleness_histogram.items()), dtype=torch.int64).reshape(-1, 2),
             "ledger.applied": torch.tensor(sorted(self.applied_per_worker.items()), dtype=torch.int64).reshape(-1, 2),
             "ledger.total": torch.tensor(self.total, dtype=torch.int64),
@@ -60,13 +64,18 @@ class Ledger:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], capacity: int = 100_000) -> "Ledger":
-        """Rebuilds a ledger saved by ``to_tensors`` (an empty one when the keys are absent)."""
+        """Rebuilds a ledger saved by ``to_tensors`` (an empty one when the keys are absent).
+
+        Checkpoints written before ``ledger.shares`` existed load with every share 1.0.
+        """
         ledger = cls(capacity)
         if "ledger.entries" not in tensors:
             return ledger
-        for row, scale in zip(tensors["ledger.entries"].tolist(), tensors["ledger.scales"].tolist()):
+        rows = tensors["ledger.entries"].tolist()
+        shares = tensors["ledger.shares"].tolist() if "ledger.shares" in tensors else [1.0] * len(rows)
+        for row, scale, share in zip(rows, tensors["ledger.scales"].tolist(), shares):
             version, worker_id, sequence, base, staleness, samples = row
-            ledger.entries.append(LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples))
+            ledger.entries.append(LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples, share))
         ledger.staleness_histogram.update(dict(tensors["ledger.histogram"].tolist()))
         ledger.applied_per_worker.update(dict(tensors["ledger.applied"].tolist()))
         ledger.total = int(tensors["ledger.total"])

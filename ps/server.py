@@ -27,6 +27,7 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import release_free_memory
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
+from paramhub.ps.grace import GraceWindow
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
@@ -79,16 +80,23 @@ def _damping(config: ServerConfig) -> bool:
     return config.mode == "async" and config.update == "avg"  # async averaging scales stale deltas by default
 
 
+def _batch_share(config: ServerConfig) -> bool:
+    if config.batch_share is not None:
+        return config.batch_share
+    return config.mode == "async" and config.update == "grad"  # --lr is the sync-equivalent rate by default
+
+
 def _sync_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
     return SyncRounds(store, rule, registry, num_workers=config.workers, backup_workers=config.backup_workers,
                       round_timeout=config.timeouts.round, max_versions=config.max_steps,
-                      damping=_damping(config))
+                      damping=_damping(config), quorum=config.quorum,
+                      grace=GraceWindow(k=config.grace_k) if config.quorum != "all" else None)
 
 
 def _async_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
     return AsyncEngine(store, rule, registry, staleness_bound=config.staleness,
                        wait_timeout=config.timeouts.round or 300.0, max_versions=config.max_steps,
-                       damping=_damping(config))
+                       damping=_damping(config), batch_share=_batch_share(config))
 
 
 # The only place that looks at --update and --mode: everything below takes the result.
