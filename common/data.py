@@ -15,7 +15,7 @@ import pathlib
 from typing import Sequence
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from paramhub.common.shards import DataError, resolve_data_source
@@ -183,3 +183,15 @@ def training_shard(source: str, shard: int, num_shards: int, *, num_classes: int
     if where.split:
         return Subset(folder, shard_indices(len(folder), shard, num_shards, seed))
     return Subset(folder, list(range(len(folder))))
+
+
+def shard_loader(data: Dataset, batch_size: int, shard: int, seed: int = 0, *, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The batches one worker draws from its shard: reshuffled every epoch, in an order seeded by (seed, shard).
+
+    paramhub's workers and the DDP reference (``paramhub.tools.ddp``) both take their
+    batches from here, so the two see the same samples in the same order.
+    """
+    return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=len(data) >= batch_size,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed * 7919 + shard))

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from paramhub.common.config import WorkerConfig
-from paramhub.common.data import training_shard
+from paramhub.common.data import shard_loader, training_shard
 from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.runtime import recheck_threads
 from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
 from paramhub.worker.compression import TopKErrorFeedback
 from paramhub.worker.overlap import OverlappedClient, overlap_refusal
@@ -291,9 +292,8 @@ class Trainer:
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
                               synthetic_size=cfg.synthetic_size)
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=len(data) >= cfg.batch_size,
-                            num_workers=cfg.loader_workers, pin_memory=on_cuda,
-                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.shard))
+        loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
+                              pin_memory=on_cuda)
         batches = endless(loader, cfg.epochs)
         summary = TrainSummary()
         log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
@@ -336,6 +336,7 @@ class Trainer:
                     version = info.version
                     continue
                 summary.steps += 1
+                recheck_threads()  # --threads 0: follow the local paramhub processes (at most every few seconds)
                 summary.losses.append(loss)
                 if reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:
                     summary.pushes_accepted += 1
