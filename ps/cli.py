@@ -19,7 +19,7 @@ import click
 from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import LOG_FORMATS, keep_freed_memory_resident, setup_logging
+from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.ps")
 
@@ -137,6 +137,7 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
         )
     except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share)
         raise click.UsageError(str(exc)) from None
+    configure_torch_threads(0, log, "[server] ")  # auto: not every paramhub process on this machine takes all cores
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError, initial_state_in_child

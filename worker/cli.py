@@ -19,7 +19,7 @@ import click
 from paramhub.common.config import Timeouts, WorkerConfig
 from paramhub.common.data import AUGMENTS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import LOG_FORMATS, keep_freed_memory_resident, setup_logging
+from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, keep_freed_memory_resident, setup_logging
 
 log = logging.getLogger("paramhub.worker")
 
@@ -101,7 +101,8 @@ def _launcher_server(env) -> str | None:
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--seed", default=0, type=int, help="Data seed: the same on every worker.")
 @click.option("--synthetic-size", default=4096, type=click.IntRange(min=1), help="Samples in the whole synthetic dataset.")
-@click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads (0: torch's default, all cores; use cores / workers when several share a machine).")
+@click.option("--threads", default=0, type=click.IntRange(min=0), help="Torch CPU threads (0: auto: CPUs available ÷ local paramhub processes, re-checked while training; "
+                   "OMP_NUM_THREADS, when set, wins over auto).")
 @click.option("--overlap/--no-overlap", default=None,
               help="Async mode: push and prefetch the next pull while the next step computes, on weights one "
                    "exchange old.  [default: on when training on a GPU, off on the CPU]")
@@ -137,10 +138,8 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
         security=pop_security(security),
     )
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # several workers on one machine must not oversubscribe its cores
+    # several paramhub processes on one machine must not each take all its cores
+    configure_torch_threads(threads, log, f"[worker {shard}] ", recheck=True)
     from paramhub.common.data import DataError
     from paramhub.worker.client import PSClient, RunFailed, ServerUnreachable
     from paramhub.worker.partitions import PartitionedClient

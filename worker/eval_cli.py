@@ -19,7 +19,7 @@ import click
 
 from paramhub.common.config import Timeouts
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.runtime import LOG_FORMATS, setup_logging
+from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, setup_logging
 from paramhub.worker.cli import _address
 
 log = logging.getLogger("paramhub.worker")
@@ -68,6 +68,7 @@ def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard
     setup_logging(log_level, log_format)
     if once and every is not None:
         raise click.UsageError("--once and --every exclude each other")
+    configure_torch_threads(0, log, "[eval] ")  # auto: not every paramhub process on this machine takes all cores
     from paramhub.common.data import DataError
     from paramhub.worker.client import PSClient, RunFailed, ServerUnreachable
     from paramhub.worker.evaluator import EvalConfig, Evaluator
