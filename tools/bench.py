@@ -32,7 +32,7 @@ import click
 from paramhub.common.codec import DEFAULT_CHUNK_BYTES
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
-from paramhub.tools import bench_round, convergence, socket_baseline
+from paramhub.tools import bench_round, convergence, socket_baseline, versus_ddp
 
 NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
 HOST = "127.0.0.1"
@@ -268,6 +268,43 @@ def convergence_cmd(model, workers, updates, eval_every, batch_size, image_size,
                                     batch_size=batch_size, image_size=image_size, lr=lr)
     results = convergence.run(settings, names)
     click.echo(convergence.to_json(results, settings) if as_json else convergence.format_table(results))
+
+
+@main.command("versus-ddp")
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="An ImageFolder (default: scikit-learn's digits, written into the work directory).")
+@click.option("--model", default="resnet18", type=click.Choice(ARCHS))
+@click.option("--workers", default=2, type=click.IntRange(min=1))
+@click.option("--steps", default=200, type=click.IntRange(min=4), help="DDP steps; every run trains as many samples.")
+@click.option("--eval-every", default=20, type=click.IntRange(min=1), help="Score the model every this many DDP steps.")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), help="Per worker.")
+@click.option("--image-size", default=32, type=click.IntRange(min=8))
+@click.option("--lr", default=0.05, type=float)
+@click.option("--momentum", default=0.9, type=float)
+@click.option("--local-steps", default=4, type=click.IntRange(min=1), help="H of the averaging modes.")
+@click.option("--augment", default="auto", type=click.Choice(["auto", "imagenet", "cifar", "none"]))
+@click.option("--seeds", default="0", help="Comma-separated seeds (model init and data order).")
+@click.option("--modes", default="sync-grad,async-grad,diloco", help="Comma-separated: " + ", ".join(versus_ddp.MODES))
+@click.option("--scenarios", default="equal", help="Comma-separated: " + ", ".join(versus_ddp.SCENARIOS))
+@click.option("--target", default=None, type=float, help="Top-1 to time (default: DDP's final top-1 per scenario and seed).")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep data, logs and checkpoints here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def versus_ddp_cmd(data, model, workers, steps, eval_every, batch_size, image_size, lr, momentum, local_steps, augment,
+                   seeds, modes, scenarios, target, workdir, as_json):
+    """torch DDP and paramhub's modes on the same images, model and recipe: accuracy, speed, time to target."""
+    setup_logging("WARNING")
+    try:
+        settings = versus_ddp.Settings(
+            data=data, model=model, workers=workers, steps=steps, eval_every=eval_every, batch_size=batch_size,
+            image_size=image_size, lr=lr, momentum=momentum, local_steps=local_steps, augment=augment,
+            seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+            scenarios=tuple(s.strip() for s in scenarios.split(",") if s.strip()), target=target)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = versus_ddp.run(settings, workdir, echo=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(result, indent=2) if as_json else
+               f"CPU: {result['cpu']}\n" + versus_ddp.format_table(result["lines"], result["skipped"]))
 
 
 @main.command("round")

@@ -48,16 +48,16 @@ class LocalCluster:
         finally:
             log.close()  # the child has its own handle
 
-    def start_server(self, *args: str, port: int = 0, timeout: float = 60.0) -> int:
+    def start_server(self, *args: str, port: int = 0, timeout: float = 60.0, wrapper: tuple[str, ...] = ()) -> int:
         """Starts ps-server with ``args`` and waits (bounded) until it listens; returns its port.
 
         ``port=0`` lets the server pick a free port; a restart passes the old one.
-        Each start appends to the same server log.
+        Each start appends to the same server log. ``wrapper`` as for ``start_worker``.
         """
         port_file = self.workdir / "server.port"
         port_file.unlink(missing_ok=True)
-        self.server = self._spawn("server", _console("ps-server") + ["--port", str(port), "--port-file",
-                                                                     str(port_file), *args])
+        self.server = self._spawn("server", [*wrapper, *_console("ps-server"), "--port", str(port), "--port-file",
+                                             str(port_file), *args])
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.server.poll() is not None:
