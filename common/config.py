@@ -11,6 +11,7 @@ UPDATES = ("grad", "avg")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 OUTER_OPTIMIZERS = ("none", "nesterov")
+PRECISE_BN_BATCHES = 20  # --precise-bn-batches: batches of training images to recompute BatchNorm statistics on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,9 @@ class ServerConfig:
     eval_every: int = 0
     eval_image_size: int = 224
     eval_size: int = 1024
+    # precise BN for the server's evaluation: recompute BatchNorm statistics on these training images first
+    eval_precise_bn_data: str | None = None
+    eval_precise_bn_batches: int = PRECISE_BN_BATCHES
     # TLS and/or a shared token; --insecure allows neither on a non-loopback address
     security: Security = Security()
     insecure: bool = False

@@ -16,7 +16,8 @@ import sys
 
 import click
 
-from paramhub.common.config import MODES, OPTIMIZERS, OUTER_OPTIMIZERS, SCHEDULES, UPDATES, ServerConfig, Timeouts
+from paramhub.common.config import (MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES, SCHEDULES, UPDATES,
+                                    ServerConfig, Timeouts)
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, keep_freed_memory_resident, setup_logging
@@ -91,6 +92,12 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--eval-every", default=0, type=click.IntRange(min=0), help="Evaluate every V versions (needs --eval-data).")
 @click.option("--eval-image-size", default=224, type=click.IntRange(min=8), help="Image size for --eval-data.")
 @click.option("--eval-size", default=1024, type=click.IntRange(min=1), help="Samples of synthetic evaluation data.")
+@click.option("--eval-precise-bn-data", default=None, metavar="DIR",
+              help="Before each evaluation, recompute the BatchNorm statistics on these training images (an "
+                   "ImageFolder, a ps-data shard or the directory of all shards: 'precise BN'); the record has "
+                   "top1 (after) and top1_running_stats (before).")
+@click.option("--eval-precise-bn-batches", default=PRECISE_BN_BATCHES, type=click.IntRange(min=1),
+              help="Batches of 64 images for --eval-precise-bn-data.")
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--partition", default="0/1", callback=_partition, help="k/m: hold partition k of m of the model's tensors (start m servers, one per k).")
@@ -126,6 +133,9 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
         raise click.BadParameter("a partition holds part of the model; evaluate with ps-eval", param_hint="--eval-data")
     if bool(options["eval_data"]) != bool(options["eval_every"]):
         raise click.BadParameter("--eval-data and --eval-every go together", param_hint="--eval-every")
+    if options["eval_precise_bn_data"] and not options["eval_data"]:
+        raise click.BadParameter("needs --eval-data (precise BN is part of the server's evaluation)",
+                                 param_hint="--eval-precise-bn-data")
     for key in ("metrics_port", "http_port"):
         options[key] = options[key] or None  # 0 is off here; in ServerConfig 0 picks a free port (tests)
     security = pop_security(options)

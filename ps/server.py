@@ -212,6 +212,8 @@ class PSServer:
             config.model, config.num_classes, config.eval_data, config.eval_every, image_size=config.eval_image_size,
             size=config.eval_size, batch_size=64, out_dir=config.checkpoint_dir,
             facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
+            precise_bn_data=config.eval_precise_bn_data, precise_bn_batches=config.eval_precise_bn_batches,
+            frozen=[t.name for t in self.frozen_layout.tensors] if self.frozen_layout is not None else (),
         )
 
     def _resume(self) -> "Resumed | None":

@@ -171,6 +171,53 @@ def test_frozen_backbone_runs_are_evaluated_with_the_frozen_tensors(start_server
     torch.testing.assert_close(state["hidden.weight"], model.hidden.weight.detach(), rtol=0, atol=0)
 
 
+def test_precise_bn_scores_each_version_before_and_after_recomputing_and_keeps_the_recomputed_model(
+        start_server, tmp_path):
+    from test_precise_bn import write_image_folder
+
+    from paramhub.common.evaluation import PreciseBN
+
+    write_image_folder(tmp_path / "train", classes=3, per_class=8)
+    write_image_folder(tmp_path / "val", classes=3, per_class=3)
+    server = start_server(model="resnet18", num_classes=3, seed=6)
+    out, best_dir = tmp_path / "metrics.jsonl", tmp_path / "best"
+    result = CliRunner().invoke(main, ["--server", f"127.0.0.1:{server.port}", "--once", "--out", str(out),
+                                       "--checkpoint-dir", str(best_dir), "--connect-timeout", "5",
+                                       "--data", str(tmp_path / "val"), "--image-size", "16", "--batch-size", "6",
+                                       "--precise-bn-data", str(tmp_path / "train"), "--precise-bn-batches", "3"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert set(record) == RECORD_KEYS | {"top1_running_stats"}
+
+    model = build_model("resnet18", 3, seed=6)  # the server's model, scored here independently
+    val = DataLoader(evaluation_dataset(tmp_path / "val", num_classes=3, image_size=16), batch_size=6)
+    assert record["top1_running_stats"] == evaluate(model, val, "cpu").top1
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    PreciseBN(tmp_path / "train", num_classes=3, image_size=16, batch_size=6, num_batches=3).apply(model, "cpu")
+    expected = evaluate(model, val, "cpu")
+    assert (record["top1"], record["samples"]) == (expected.top1, 9)
+    assert record["loss"] == pytest.approx(expected.loss, rel=1e-6)
+
+    state = load_checkpoint(best_dir / "best.safetensors")[0]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-6, atol=1e-7)  # the recomputed statistics
+    for name, weight in weights.items():
+        assert torch.equal(state[name], weight), name  # bit-identical weights
+    assert json.loads((best_dir / "best.json").read_text())["top1_running_stats"] == record["top1_running_stats"]
+
+
+def test_bad_precise_bn_data_exits_1_with_a_clear_message(start_server, tmp_path, caplog):
+    from test_precise_bn import write_image_folder
+
+    write_image_folder(tmp_path / "five", classes=5, per_class=2)
+    server = start_server(model="resnet18", num_classes=3)
+    for source, message in [(tmp_path / "missing", "does not exist"), (tmp_path / "five", "has 5 classes but")]:
+        caplog.clear()
+        result = CliRunner().invoke(main, ["--server", f"127.0.0.1:{server.port}", "--once", "--connect-timeout", "5",
+                                           *EVAL_ARGS, "--precise-bn-data", str(source)])
+        assert result.exit_code == 1 and message in caplog.text, caplog.text
+
+
 def test_once_and_every_exclude_each_other():
     result = CliRunner().invoke(main, ["--once", "--every", "5", "--data", "synthetic"])
     assert result.exit_code == 2 and "exclude each other" in result.output

@@ -106,3 +106,85 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_refused(tmp_path):
     result = export(tmp_path, tmp_path / "model.pt")
     assert result.exit_code == 1 and "does not fit resnet18 with 5 classes" in result.output
     assert "fc.bias" in result.output and not (tmp_path / "model.pt").exists()
+
+
+def export_precise(checkpoint, out, data, *extra):
+    return CliRunner().invoke(main, ["export", "--checkpoint", str(checkpoint), "--out", str(out),
+                                     "--precise-bn-data", str(data), "--precise-bn-batches", "3", "--batch-size", "4",
+                                     "--image-size", "16", *extra])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_precise_bn_export_changes_the_batchnorm_buffers_only_and_loads_strictly(tmp_path, suffix):
+    from test_precise_bn import write_image_folder
+
+    from paramhub.common.evaluation import PreciseBN
+
+    write_image_folder(tmp_path / "train", classes=5, per_class=4)
+    model = trained_resnet18(seed=3)
+    ckpt = server_checkpoint(tmp_path / "ckpt", 8, model)
+    path = tmp_path / f"model{suffix}"
+    result = export_precise(ckpt, path, tmp_path / "train")
+    assert result.exit_code == 0, result.output
+    assert "BatchNorm statistics of 20 layers recomputed on 3 batches (12 images)" in result.output
+
+    state = torch.load(path, map_location="cpu", weights_only=True) if suffix == ".pt" else load_file(path)
+    exported = torchvision.models.resnet18(num_classes=5)
+    exported.load_state_dict(state, strict=True)
+    original = model.state_dict()
+    bn_buffers = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                  for b in ("running_mean", "running_var", "num_batches_tracked")}
+    assert set(state) == set(original) and len(bn_buffers) == 60
+    for name, tensor in state.items():
+        if name in bn_buffers:
+            assert not torch.equal(tensor, original[name]), f"{name} was not recomputed"
+        else:
+            assert torch.equal(tensor, original[name]), f"{name} changed"  # the weights, bit for bit
+    assert state["bn1.num_batches_tracked"].item() == 3
+    reference = trained_resnet18(seed=3)  # recomputed independently of the export
+    PreciseBN(tmp_path / "train", num_classes=5, image_size=16, batch_size=4, num_batches=3).apply(reference, "cpu")
+    for name in bn_buffers:
+        torch.testing.assert_close(state[name], reference.state_dict()[name], rtol=1e-6, atol=1e-7)
+    if suffix == ".safetensors":
+        from paramhub.common.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(path)[2]
+        assert meta["precise_bn"]["batches"] == 3 and meta["precise_bn"]["image_size"] == 16
+
+
+def test_precise_bn_export_leaves_the_frozen_layers_of_a_best_model_alone_and_mlp_as_it_is(tmp_path):
+    from test_precise_bn import write_image_folder
+
+    write_image_folder(tmp_path / "train", classes=5, per_class=4)
+    model = trained_resnet18(seed=4)
+    frozen = ["bn1", "layer1.0.bn1"]
+    save_state_file(tmp_path / "best.safetensors", model.state_dict(),
+                    {"version": 2, "model": "resnet18", "num_classes": 5, "frozen_batchnorm": frozen})
+    result = export_precise(tmp_path / "best.safetensors", tmp_path / "model.pt", tmp_path / "train")
+    assert result.exit_code == 0 and "18 layers recomputed" in result.output and "2 frozen" in result.output
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    for name in ("bn1.running_var", "layer1.0.bn1.running_mean", "layer1.0.bn1.num_batches_tracked"):
+        assert torch.equal(state[name], model.state_dict()[name]), name
+    assert not torch.equal(state["layer1.0.bn2.running_var"], model.state_dict()["layer1.0.bn2.running_var"])
+
+    mlp = build_model("mlp", 5, seed=1)
+    save_state_file(tmp_path / "mlp.safetensors", mlp.state_dict(), {"version": 1, "model": "mlp", "num_classes": 5})
+    result = export_precise(tmp_path / "mlp.safetensors", tmp_path / "mlp.pt", tmp_path / "train")
+    assert result.exit_code == 0 and "no BatchNorm statistics to recompute" in result.output
+    state = torch.load(tmp_path / "mlp.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_bad_precise_bn_data_is_refused_and_nothing_is_written(tmp_path):
+    from test_precise_bn import write_image_folder
+
+    ckpt = server_checkpoint(tmp_path / "ckpt", 1, build_model("resnet18", 5))
+    write_image_folder(tmp_path / "three", classes=3, per_class=2)
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "not an ImageFolder"),
+             (tmp_path / "three", "has 3 classes but the model has 5")]
+    for data, message in cases:
+        result = export_precise(ckpt, tmp_path / "model.pt", data)
+        assert result.exit_code == 2 and message in result.output and "--precise-bn-data" in result.output, \
+            result.output
+        assert not (tmp_path / "model.pt").exists()

@@ -1,6 +1,7 @@
 """ps-ctl: operator commands for paramhub runs and their checkpoints.
 
     ps-ctl export --checkpoint ckpt/ --out resnet50.pt      # newest checkpoint → plain state_dict
+    ps-ctl export --checkpoint ckpt/ --out r50.pt --precise-bn-data /data/shards   # BatchNorm statistics recomputed
     ps-ctl health head:50051                                # exit 0 only while the server is SERVING
     ps-ctl status head:50051 [--json]                       # version, workers, staleness
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
                                         write_atomically)
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
+from paramhub.common.config import PRECISE_BN_BATCHES
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import secure_channel
@@ -55,25 +57,39 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[pathlib.Path, dict]:
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, precise_bn_data: str | None = None,
+                 precise_bn_batches: int = PRECISE_BN_BATCHES, image_size: int = 224,
+                 batch_size: int = 64) -> tuple[pathlib.Path, dict]:
     """Writes the model of a checkpoint as a plain state_dict that torchvision loads with ``strict=True``.
 
     The server's own state (``__paramhub__.*`` tensors) is left out. Before anything
     is written the state is loaded strictly into the model the checkpoint names, so
     an export that would not load is never produced.
 
+    With ``precise_bn_data`` the BatchNorm running statistics are recomputed first on
+    ``precise_bn_batches`` batches of ``batch_size`` training images seen through the
+    evaluation transform at ``image_size`` (``common.evaluation.PreciseBN``): only the
+    BatchNorm buffers change, the weights are exported bit for bit. The layers a
+    checkpoint's metadata lists as ``frozen_batchnorm`` (ps-eval's best model of a
+    ``--freeze-backbone`` run) are left alone.
+
     Args:
         checkpoint: a server checkpoint (``ckpt-v*.safetensors``), ps-eval's
             ``best.safetensors``, or a directory (its newest checkpoint).
         out: ``*.pt`` (``torch.save`` of a dict of tensors; loads with
             ``torch.load(weights_only=True)``) or ``*.safetensors``. Written atomically.
+        precise_bn_data: training images (ImageFolder, ps-data shard or directory of all
+            shards), or None: the statistics as the checkpoint has them.
+        precise_bn_batches, image_size, batch_size: the recomputation's settings.
 
     Returns:
-        The checkpoint read and its metadata (``version``, ``model``, ``num_classes``, ...).
+        The checkpoint read and its metadata (``version``, ``model``, ``num_classes``, ...;
+        with precise BN also ``precise_bn``: what the statistics were recomputed on).
 
     Raises:
         ValueError: ``out`` has another extension.
         CheckpointError: the checkpoint is missing, unreadable, corrupt, or does not fit its model.
+        DataError: the precise-BN data cannot be used (missing, empty, another class count).
     """
     out = pathlib.Path(out)
     if out.suffix not in EXPORT_SUFFIXES:
@@ -90,6 +106,18 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source} does not fit {arch} with {num_classes} classes: {exc}") from None
+    facts = {"version": meta["version"], "model": arch, "num_classes": int(num_classes)}
+    if precise_bn_data is not None:
+        from paramhub.common.evaluation import PreciseBN, batchnorm_layers
+
+        precise = PreciseBN(precise_bn_data, num_classes=int(num_classes), image_size=image_size,
+                            batch_size=batch_size, num_batches=precise_bn_batches)
+        frozen = set(meta.get("frozen_batchnorm") or ()) & set(batchnorm_layers(model))
+        done = precise.apply(model, "cpu", skip=frozen)
+        state = model.state_dict()
+        facts["precise_bn"] = {"data": str(precise_bn_data), "batches": done.batches, "samples": done.samples,
+                               "image_size": image_size, "layers": done.layers, "skipped": done.skipped}
+        meta = {**meta, "precise_bn": facts["precise_bn"]}
     if out.suffix == ".pt":
         import torch
 
@@ -97,7 +125,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
         torch.save({name: tensor.contiguous() for name, tensor in state.items()}, blob)
         write_atomically(out, blob.getvalue())
     else:
-        save_state_file(out, state, {"version": meta["version"], "model": arch, "num_classes": int(num_classes)})
+        save_state_file(out, state, facts)
     return source, meta
 
 
@@ -106,10 +134,24 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(),
               help="A checkpoint file (ckpt-v*.safetensors, best.safetensors) or a checkpoint directory (its newest).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.pt or model.safetensors.")
-def export(checkpoint, out):
+@click.option("--precise-bn-data", default=None, metavar="DIR",
+              help="Training images (an ImageFolder, a ps-data shard or the directory of all shards): recompute the "
+                   "BatchNorm statistics on them before exporting ('precise BN'); the weights are unchanged.")
+@click.option("--precise-bn-batches", default=PRECISE_BN_BATCHES, type=click.IntRange(min=1),
+              help="Batches for --precise-bn-data.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per batch for --precise-bn-data.")
+@click.option("--image-size", default=224, type=click.IntRange(min=8),
+              help="--precise-bn-data images: resize + center crop to this size (as ps-eval --image-size).")
+def export(checkpoint, out, precise_bn_data, precise_bn_batches, batch_size, image_size):
     """Write a checkpoint's model as a plain state_dict for torchvision (strict=True)."""
+    from paramhub.common.shards import DataError
+
     try:
-        source, meta = export_model(checkpoint, out)
+        source, meta = export_model(checkpoint, out, precise_bn_data=precise_bn_data,
+                                    precise_bn_batches=precise_bn_batches, image_size=image_size,
+                                    batch_size=batch_size)
+    except DataError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precise-bn-data") from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
     except CheckpointError as exc:
@@ -121,6 +163,14 @@ def export(checkpoint, out):
         builder = f"torchvision.models.get_model({arch!r}, num_classes={num_classes})"
     click.echo(f"exported {arch} ({num_classes} classes, version {meta['version']}) from {source} to {out}\n"
                f"load it with {builder}.load_state_dict(state, strict=True)")
+    if "precise_bn" in meta:
+        done = meta["precise_bn"]
+        if done["layers"]:
+            click.echo(f"BatchNorm statistics of {done['layers']} layers recomputed on {done['batches']} batches "
+                       f"({done['samples']} images) of {done['data']}"
+                       + (f"; {done['skipped']} frozen layers left alone" if done["skipped"] else ""))
+        else:
+            click.echo("no BatchNorm statistics to recompute (the model has none, or all of them are frozen)")
 
 
 # -- health and status ------------------------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 
 import click
 
-from paramhub.common.config import Timeouts
+from paramhub.common.config import PRECISE_BN_BATCHES, Timeouts
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, setup_logging
 from paramhub.worker.cli import _address
@@ -46,6 +46,13 @@ def _tensorboard(ctx, param, value: str | None) -> str | None:
               help="Keep the best model so far here (best.safetensors, best.json).")
 @click.option("--tensorboard", default=None, type=click.Path(file_okay=False), callback=_tensorboard, metavar="DIR",
               help="Write top1/top5/loss by version as TensorBoard scalars here (needs `pip install tensorboard`).")
+@click.option("--precise-bn-data", default=None, metavar="DIR",
+              help="Training images (an ImageFolder, a ps-data shard or the directory of all shards): before "
+                   "scoring, recompute each version's BatchNorm statistics on them ('precise BN'); the metrics "
+                   "line then has top1 (after) and top1_running_stats (before), and the kept best model the "
+                   "recomputed statistics.")
+@click.option("--precise-bn-batches", default=PRECISE_BN_BATCHES, type=click.IntRange(min=1),
+              help="Batches of --batch-size images for --precise-bn-data.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1))
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--eval-size", default=1024, type=click.IntRange(min=1), help="Samples in the synthetic set.")
@@ -58,11 +65,13 @@ def _tensorboard(ctx, param, value: str | None) -> str | None:
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
-def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard, batch_size, device, eval_size, seed,
-         loader_workers, name, connect_timeout, rpc_timeout, log_level, log_format, **security):
+def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard, precise_bn_data, precise_bn_batches,
+         batch_size, device, eval_size, seed, loader_workers, name, connect_timeout, rpc_timeout, log_level, log_format,
+         **security):
     """Evaluate the global model (top-1, top-5, loss) as an observer; keep the best one.
 
-    Prints one JSON line per evaluation (version, top1, top5, loss, time, samples).
+    Prints one JSON line per evaluation (version, top1, top5, loss, time, samples; with
+    --precise-bn-data also top1_running_stats).
     Exits 0 when the run is done, 2 when the server is unreachable.
     """
     setup_logging(log_level, log_format)
@@ -80,6 +89,7 @@ def main(server, data, image_size, every, once, out, checkpoint_dir, tensorboard
         every=None if once else (DEFAULT_EVERY_S if every is None else every), out=out,
         checkpoint_dir=checkpoint_dir, batch_size=batch_size, device=device, eval_size=eval_size, seed=seed,
         loader_workers=loader_workers, name=name, tensorboard=tensorboard,
+        precise_bn_data=precise_bn_data, precise_bn_batches=precise_bn_batches,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
     )
     stop = threading.Event()

@@ -1,8 +1,10 @@
 """The evaluator: an observer that scores the global model as the run goes.
 
 join as an observer (not counted as a worker, never pushes) → build the model the
-server names → loop { pull the newest version; evaluate it; append the metrics to
-a JSONL file; keep the best model so far } until the run is done (or once).
+server names → loop { pull the newest version; evaluate it (with ``--precise-bn-data``:
+also after recomputing its BatchNorm statistics on training images, which is then the
+score that counts); append the metrics to a JSONL file; keep the best model so far }
+until the run is done (or once).
 A background watcher fetches the final version the moment the run is done, since
 the server exits soon after and an evaluation in progress may take longer.
 """
@@ -20,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from paramhub.common.config import Timeouts
-from paramhub.common.evaluation import BEST_MODEL, BestModel, evaluate, evaluation_dataset
+from paramhub.common.evaluation import (BEST_MODEL, PRECISE_BN_BATCHES, BestModel, PreciseBN, evaluate,
+                                        evaluate_precise, evaluation_dataset, frozen_batchnorm_names)
 from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
@@ -53,6 +56,9 @@ class EvalConfig:
     name: str = ""
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     tensorboard: str | None = None  # a directory for TensorBoard scalars (needs the tensorboard package)
+    # precise BN: recompute BatchNorm statistics on these training images (batch_size each) before scoring
+    precise_bn_data: str | None = None
+    precise_bn_batches: int = PRECISE_BN_BATCHES
 
 
 class Evaluator:
@@ -101,9 +107,22 @@ class Evaluator:
         loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.loader_workers,
                             pin_memory=device.type == "cuda")
         facts = {"model": info.model.arch, "num_classes": info.model.num_classes, "layout_hash": layout.hash}
+        # A frozen backbone keeps its (pretrained) BatchNorm statistics: the head was trained against them.
+        frozen_bn = (frozen_batchnorm_names(model, {t.name for t in info.frozen_layout.tensors})
+                     if info.frozen_layout is not None else set())
+        if frozen_bn:
+            facts["frozen_batchnorm"] = sorted(frozen_bn)  # ps-ctl export --precise-bn-data leaves them alone too
+        precise = None
+        if cfg.precise_bn_data:
+            precise = PreciseBN(cfg.precise_bn_data, num_classes=info.model.num_classes, image_size=cfg.image_size,
+                                batch_size=cfg.batch_size, num_batches=cfg.precise_bn_batches,
+                                loader_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
         best = BestModel(cfg.checkpoint_dir, facts) if cfg.checkpoint_dir else None
         log.info("[eval] joined %s as observer %d: %s, %d classes, %d samples from %s, device %s",
                  cfg.server, info.worker_id, info.model.arch, info.model.num_classes, len(data), cfg.data, device)
+        if precise is not None:
+            log.info("[eval] precise BN: each version's BatchNorm statistics recomputed on %s%s", precise.describe(),
+                     f", {len(frozen_bn)} frozen layers left alone" if frozen_bn else "")
 
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # only here: it needs the tensorboard package
@@ -131,8 +150,9 @@ class Evaluator:
                     if pulled is not model_regions:
                         for dst, src in zip(model_regions, pulled):
                             dst.copy_(src)
-                    metrics = evaluate(model, loader, device)
-                    record = {"version": header.version, **metrics.to_dict(), "time": round(time.time(), 3)}
+                    # evaluate looked up here, at call time: tests replace it
+                    metrics, extra = evaluate_precise(model, loader, device, precise, frozen_bn, score=evaluate)
+                    record = {"version": header.version, **metrics.to_dict(), **extra, "time": round(time.time(), 3)}
                     self._publish(record)
                     if best is not None and best.offer(record, metrics, model.state_dict()):
                         log.info("[eval] version %d is the best so far: saved to %s", header.version,
@@ -173,12 +193,15 @@ class Evaluator:
             with out.open("a") as f:
                 f.write(line + "\n")
         if self.board is not None:
-            for key in ("top1", "top5", "loss"):
-                self.board.add_scalar(f"eval/{key}", record[key], global_step=record["version"])
+            for key in ("top1", "top5", "loss", "top1_running_stats"):
+                if key in record:
+                    self.board.add_scalar(f"eval/{key}", record[key], global_step=record["version"])
             self.board.flush()  # evaluations are rare: show each one at once rather than every 2 minutes
         self.records.append(record)
-        log.info("[eval] version %d: top1 %.4f, top5 %.4f, loss %.4f on %d samples", record["version"],
-                 record["top1"], record["top5"], record["loss"], record["samples"])
+        log.info("[eval] version %d: top1 %.4f, top5 %.4f, loss %.4f on %d samples%s", record["version"],
+                 record["top1"], record["top5"], record["loss"], record["samples"],
+                 f" (top1 {record['top1_running_stats']:.4f} with the running BatchNorm statistics)"
+                 if "top1_running_stats" in record else "")
 
     def _wait_until(self, due: float, done: threading.Event) -> None:
         """Sleeps until ``due`` (monotonic); returns early when stopped or when the run is ``done``."""
