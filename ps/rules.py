@@ -191,25 +191,56 @@ class AveragingRule:
 
     ``outer="none"`` applies it as is (model averaging); ``outer="nesterov"`` treats
     ``-delta`` as a gradient for an outer SGD step with Nesterov momentum (DiLoCo).
+
+    ``momentum_every=k`` delays the momentum (Liu et al. 2024, "Asynchronous Local-SGD
+    Training for Language Modeling": delayed Nesterov): asynchronous pushes each carry
+    about 1/k of a global batch, and a momentum step per push would compound the
+    momentum k times per round. Each update applies its own pseudo-gradient at once,
+    without momentum, and adds it to a sum; every k-th update also feeds the sum to
+    the momentum buffer and applies the momentum part of the Nesterov step. Over k
+    updates this moves the weights exactly as one synchronous Nesterov step on their
+    sum would (tested), while every push still takes effect when it arrives.
     """
 
     outer: str = "none"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    momentum_every: int = 1
 
     def __post_init__(self):
         if self.outer not in OUTER_OPTIMIZERS:
             raise ValueError(f"unknown outer optimizer {self.outer!r}; choose one of {', '.join(OUTER_OPTIMIZERS)}")
+        if self.momentum_every < 1:
+            raise ValueError(f"momentum_every must be >= 1, got {self.momentum_every}")
 
     def apply(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
               version: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.outer == "none":
             return torch.add(params, update, out=out)
-        new_params, buf = sgd_step(params, update.neg(), state.get("momentum_buffer"), lr=self.outer_lr,
-                                   momentum=self.outer_momentum, nesterov=True, out=out)
-        state["momentum_buffer"] = buf
-        return new_params
+        if self.momentum_every == 1:
+            new_params, buf = sgd_step(params, update.neg(), state.get("momentum_buffer"), lr=self.outer_lr,
+                                       momentum=self.outer_momentum, nesterov=True, out=out)
+            state["momentum_buffer"] = buf
+            return new_params
+        return self._delayed(params, update, state, out)
 
+    def _delayed(self, params: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
+                 out: torch.Tensor | None) -> torch.Tensor:
+        if "delayed_sum" not in state:
+            state["delayed_sum"] = torch.zeros_like(params)
+            state["delayed_count"] = torch.zeros((), dtype=torch.int64)
+        grad_sum = state["delayed_sum"].sub_(update)  # pseudo-gradients are -delta
+        state["delayed_count"] += 1
+        # the pseudo-gradient's own part of the Nesterov step, now (update may be out: read it first)
+        new_params = torch.add(params, update, alpha=self.outer_lr, out=out)
+        if int(state["delayed_count"]) < self.momentum_every:
+            return new_params
+        buf = state.get("momentum_buffer")
+        buf = grad_sum.clone() if buf is None else buf.mul_(self.outer_momentum).add_(grad_sum)
+        state["momentum_buffer"] = buf
+        grad_sum.zero_()
+        state["delayed_count"].zero_()
+        return new_params.add_(buf, alpha=-self.outer_lr * self.outer_momentum)
 
 
 class WeightedMean:

@@ -370,3 +370,40 @@ def test_diloco_outer_step_is_nesterov_sgd_on_the_negated_delta(seed, size, roun
 def test_averaging_rule_rejects_an_unknown_outer_optimizer():
     with pytest.raises(ValueError, match="outer optimizer"):
         AveragingRule("adam")
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("into_update", [False, True])
+def test_delayed_nesterov_over_a_round_equals_one_nesterov_step_on_the_sum(workers, into_update):
+    """Async DiLoCo: k pushes of ~1/k of a round each move the weights as one sync outer step on their sum."""
+    gen = torch.Generator().manual_seed(workers)
+    rounds = 3
+    deltas = [[0.1 * torch.randn(50, generator=gen) for _ in range(workers)] for _ in range(rounds)]
+    start = torch.randn(50, generator=gen)
+
+    # reference: torch.optim.SGD(nesterov) once per round on the pseudo-gradient -(sum of the round's deltas)
+    reference = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
+    delayed, state = start.clone(), {}
+    per_push, per_push_state = start.clone(), {}
+    rule = AveragingRule("nesterov", outer_lr=0.7, outer_momentum=0.9, momentum_every=workers)
+    wrong = AveragingRule("nesterov", outer_lr=0.7, outer_momentum=0.9)  # momentum on every push
+    for r, round_deltas in enumerate(deltas):
+        reference.grad = -torch.stack(round_deltas).sum(0)
+        optimizer.step()
+        for i, delta in enumerate(round_deltas):
+            version = r * workers + i
+            update = delta.clone()
+            delayed = rule.apply(delayed, update, state, version, out=update if into_update else None)
+            per_push = wrong.apply(per_push, delta.clone(), per_push_state, version)
+        torch.testing.assert_close(delayed, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(per_push, reference.detach(), rtol=1e-3, atol=1e-4)  # the negative control
+
+
+def test_delayed_nesterov_applies_each_push_when_it_arrives():
+    rule = AveragingRule("nesterov", outer_lr=0.5, outer_momentum=0.9, momentum_every=4)
+    params, delta = torch.zeros(3), torch.ones(3)
+    after_one = rule.apply(params, delta.clone(), {}, 0)
+    torch.testing.assert_close(after_one, 0.5 * delta)  # no momentum yet, but not held back either
+    with pytest.raises(ValueError):
+        AveragingRule("nesterov", momentum_every=0)
