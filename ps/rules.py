@@ -220,7 +220,8 @@ class AveragingRule:
         if self.momentum_every == 1:
             new_params, buf = sgd_step(params, update.neg(), state.get("momentum_buffer"), lr=self.outer_lr,
                                        momentum=self.outer_momentum, nesterov=True, out=out)
-            state["momentum_buffer"] = buf
+            if buf is not None:  # none without momentum: a checkpoint holds only tensors
+                state["momentum_buffer"] = buf
             return new_params
         return self._delayed(params, update, state, out)
 

@@ -407,3 +407,14 @@ def test_delayed_nesterov_applies_each_push_when_it_arrives():
     torch.testing.assert_close(after_one, 0.5 * delta)  # no momentum yet, but not held back either
     with pytest.raises(ValueError):
         AveragingRule("nesterov", momentum_every=0)
+
+
+@pytest.mark.parametrize("momentum_every", [1, 2])
+def test_outer_step_without_momentum_keeps_only_tensors_in_its_state(momentum_every):
+    """--outer-momentum 0 is plain averaging scaled by the outer lr; its state must stay checkpointable."""
+    rule = AveragingRule("nesterov", outer_lr=1.0, outer_momentum=0.0, momentum_every=momentum_every)
+    state, params = {}, torch.zeros(4)
+    for version in range(4):
+        params = rule.apply(params, torch.ones(4), state, version)
+    torch.testing.assert_close(params, torch.full((4,), 4.0))
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
