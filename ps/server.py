@@ -71,7 +71,9 @@ def _gradient_rule(config: ServerConfig) -> UpdateRule:
 
 
 def _averaging_rule(config: ServerConfig) -> UpdateRule:
-    return AveragingRule(config.outer_optimizer, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum)
+    # async: each push is about 1/N of a round, so the outer momentum steps once per N pushes (delayed Nesterov)
+    return AveragingRule(config.outer_optimizer, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
+                         momentum_every=config.workers if config.mode == "async" else 1)
 
 
 def _damping(config: ServerConfig) -> bool:
