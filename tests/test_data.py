@@ -206,3 +206,17 @@ def test_recipes_output_normalized_tensors_of_image_size():
 def test_unknown_augment(augment):
     with pytest.raises(DataError, match="augment"):
         train_transform(32, augment)
+
+
+def test_evaluation_sees_small_images_whole_as_training_does_and_crops_large_ones():
+    """Below 128 px training keeps the whole image (CIFAR crops pad, not zoom): evaluation must too."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(40, 30, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    small = data.eval_transform(32)(image)
+    torch.testing.assert_close(small, train_transform(32, "none")(image))  # the recipe without randomness
+    cropped = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32), transforms.ToTensor(),
+                                  transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])(image)
+    assert not torch.allclose(small, cropped)  # the zoomed-in crop (the old behaviour) is not what training saw
+    large = kinds(data.eval_transform(224))
+    assert transforms.CenterCrop in large and transforms.Resize in large

@@ -37,7 +37,7 @@ def _tensorboard(ctx, param, value: str | None) -> str | None:
 @config_file_option("eval")
 @click.option("--server", default="127.0.0.1:50051", callback=_address, help="The server's host:port.")
 @click.option("--data", required=True, help="An ImageFolder directory of held-out images, or 'synthetic'.")
-@click.option("--image-size", default=224, type=click.IntRange(min=8), help="Resize + center crop to this size.")
+@click.option("--image-size", default=224, type=click.IntRange(min=8), help="Images are brought to this size (from 128 px: resize and center crop, as ImageNet training crops; below: resized whole).")
 @click.option("--every", default=None, type=click.FloatRange(min=0), metavar="SECONDS",
               help=f"Evaluate new versions at most every SECONDS until the run is done [default: {DEFAULT_EVERY_S:g}].")
 @click.option("--once", is_flag=True, help="Evaluate the current version once and exit.")
