@@ -52,6 +52,8 @@ class ServerConfig:
     # async: scale each update by its share of the global batch, so --lr is the sync-equivalent rate
     # (None: on in gradient mode; sync rounds are the whole global batch already)
     batch_share: bool | None = None
+    # async SGD: subtract the implicit momentum of asynchrony (1 - 1/N) from --momentum (None: on for async grad)
+    momentum_correction: bool | None = None
     # gradient mode: the server's optimizer and its schedule by version
     optimizer: str = "sgd"
     lr: float = 0.1

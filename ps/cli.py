@@ -62,6 +62,7 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--staleness", default=None, type=click.IntRange(min=0), help="Async: the staleness bound s (default unbounded); 0 behaves as sync.")
 @click.option("--staleness-damping/--no-staleness-damping", default=None, help="Scale each update by 1/(1+staleness) [default: on for async avg, else off].")
 @click.option("--batch-share/--no-batch-share", default=None, help="Async: scale each update by its share of the global batch, so --lr is the sync-equivalent rate [default: on for async grad].")
+@click.option("--momentum-correction/--no-momentum-correction", default=None, help="Async SGD: apply --momentum less the implicit momentum of asynchrony (1 - 1/N), so --momentum is the sync-equivalent [default: on for async].")
 @click.option("--optimizer", default="sgd", type=click.Choice(OPTIMIZERS), help="Gradient mode: the server's optimizer.")
 @click.option("--lr", default=0.1, type=float, callback=_positive, help="Gradient mode: the server's learning rate.")
 @click.option("--momentum", default=0.9, type=click.FloatRange(0, 1, max_open=True), help="SGD momentum.")

@@ -31,7 +31,7 @@ from paramhub.ps.grace import GraceWindow
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
-from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule
+from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
 from paramhub.ps.status_page import StatusPage, run_status
 from paramhub.ps.store import ParameterStore
@@ -66,7 +66,14 @@ def _schedule(config: ServerConfig) -> LRSchedule:
 def _gradient_rule(config: ServerConfig) -> UpdateRule:
     if config.optimizer == "adamw":
         return AdamWRule(lr=config.lr, weight_decay=config.weight_decay, schedule=_schedule(config))
-    return SGDRule(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+    momentum = config.momentum
+    correct = config.momentum_correction if config.momentum_correction is not None else config.mode == "async"
+    if correct and config.mode == "async":
+        momentum = async_momentum(config.momentum, config.workers)
+        log.info("async with %d workers: server momentum %.3g (--momentum %.3g less the implicit %.3g of "
+                 "asynchrony; --no-momentum-correction keeps it as given)", config.workers, momentum,
+                 config.momentum, config.momentum - momentum)
+    return SGDRule(lr=config.lr, momentum=momentum, weight_decay=config.weight_decay,
                    nesterov=config.nesterov, schedule=_schedule(config))
 
 

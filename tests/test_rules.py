@@ -418,3 +418,12 @@ def test_outer_step_without_momentum_keeps_only_tensors_in_its_state(momentum_ev
         params = rule.apply(params, torch.ones(4), state, version)
     torch.testing.assert_close(params, torch.full((4,), 4.0))
     assert all(isinstance(t, torch.Tensor) for t in state.values())
+
+
+def test_async_momentum_subtracts_the_implicit_momentum_of_asynchrony():
+    from paramhub.ps.rules import async_momentum
+
+    assert async_momentum(0.9, 1) == pytest.approx(0.9)  # one worker: nothing is stale
+    assert async_momentum(0.9, 2) == pytest.approx(0.4)
+    assert async_momentum(0.9, 4) == pytest.approx(0.15)
+    assert async_momentum(0.9, 16) == 0.0  # never negative

@@ -13,6 +13,7 @@ from conftest import fast_timeouts
 
 from paramhub.common import codec
 from paramhub.common.layout import Layout, bind_model
+from paramhub.common.config import ServerConfig
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
@@ -373,3 +374,13 @@ def test_with_linger_a_finished_run_keeps_serving_its_final_model_until_stopped(
     server.stop()
     serving.join(timeout=10)
     assert not serving.is_alive()
+
+
+@pytest.mark.parametrize("mode, correction, expected", [
+    ("async", None, 0.4), ("async", False, 0.9), ("sync", None, 0.9)])
+def test_async_sgd_momentum_is_the_sync_one_less_the_implicit_momentum(mode, correction, expected):
+    from paramhub.ps.server import _gradient_rule
+
+    config = ServerConfig(model="mlp", num_classes=4, workers=2, mode=mode, momentum=0.9,
+                          momentum_correction=correction)
+    assert _gradient_rule(config).momentum == pytest.approx(expected)
