@@ -284,7 +284,7 @@ def convergence_cmd(model, workers, updates, eval_every, batch_size, image_size,
 @click.option("--local-steps", default=4, type=click.IntRange(min=1), help="H of the averaging modes.")
 @click.option("--augment", default="auto", type=click.Choice(["auto", "imagenet", "cifar", "none"]))
 @click.option("--seeds", default="0", help="Comma-separated seeds (model init and data order).")
-@click.option("--modes", default="sync-grad,async-grad,diloco", help="Comma-separated: " + ", ".join(versus_ddp.MODES))
+@click.option("--modes", default="sync-grad,async-grad,diloco", help="Comma-separated: " + ", ".join([*versus_ddp.MODES, *versus_ddp.DDP_RUNS]))
 @click.option("--scenarios", default="equal", help="Comma-separated: " + ", ".join(versus_ddp.SCENARIOS))
 @click.option("--target", default=None, type=float, help="Top-1 to time (default: DDP's final top-1 per scenario and seed).")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep data, logs and checkpoints here.")

@@ -22,6 +22,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ class DDPSpec:
     Args:
         init: a safetensors file with the initial state_dict (the same weights paramhub starts from).
         out: directory for what the ranks write (``steps.jsonl``, ``model-<step>.safetensors``, ``rank<r>/``).
+        sampler: ``shards`` (rank r trains paramhub's shard r, in paramhub's order) or ``distributed``
+            (what a DDP user writes: every shard pooled, dealt out anew each epoch by DistributedSampler).
         save_every: rank 0 writes its model every this many steps (0: only at the end).
         record_every_rank: every rank writes its full state after every step.
         broadcast_buffers: DDP's default (True) gives every rank rank 0's BatchNorm statistics.
@@ -57,10 +60,38 @@ class DDPSpec:
     seed: int = 0
     synthetic_size: int = 4096
     threads: int = 1
+    sampler: str = "shards"
     save_every: int = 0
     record_every_rank: bool = False
     broadcast_buffers: bool = True
     started: float = 0.0
+
+
+def rank_batches(spec: DDPSpec, rank: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The endless batches of one rank, as ``spec.sampler`` says."""
+    from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+
+    from paramhub.common.data import shard_loader, training_shard
+    from paramhub.worker.trainer import endless
+
+    def shard(r: int):
+        return training_shard(spec.data, r, spec.world_size, num_classes=spec.num_classes,
+                              image_size=spec.image_size, augment=spec.augment, seed=spec.seed,
+                              synthetic_size=spec.synthetic_size)
+
+    if spec.sampler == "shards":
+        yield from endless(shard_loader(shard(rank), spec.batch_size, rank, spec.seed))
+        return
+    if spec.sampler != "distributed":
+        raise ValueError(f"unknown sampler {spec.sampler!r}: shards or distributed")
+    pooled = ConcatDataset([shard(r) for r in range(spec.world_size)])
+    sampler = DistributedSampler(pooled, num_replicas=spec.world_size, rank=rank, shuffle=True, seed=spec.seed)
+    loader = DataLoader(pooled, batch_size=spec.batch_size, sampler=sampler, drop_last=True)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def train_rank(rank: int, spec: DDPSpec) -> None:
@@ -69,9 +100,7 @@ def train_rank(rank: int, spec: DDPSpec) -> None:
     from safetensors.torch import load_file, save_file
     from torch.nn.parallel import DistributedDataParallel
 
-    from paramhub.common.data import shard_loader, training_shard
     from paramhub.common.models import build_model
-    from paramhub.worker.trainer import endless
 
     torch.set_num_threads(spec.threads)
     out = pathlib.Path(spec.out)
@@ -80,10 +109,7 @@ def train_rank(rank: int, spec: DDPSpec) -> None:
     try:
         model = build_model(spec.arch, spec.num_classes)
         model.load_state_dict(load_file(spec.init))
-        data = training_shard(spec.data, rank, spec.world_size, num_classes=spec.num_classes,
-                              image_size=spec.image_size, augment=spec.augment, seed=spec.seed,
-                              synthetic_size=spec.synthetic_size)
-        batches = endless(shard_loader(data, spec.batch_size, rank, spec.seed))
+        batches = rank_batches(spec, rank)
         ddp = DistributedDataParallel(model, broadcast_buffers=spec.broadcast_buffers)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=spec.lr, momentum=spec.momentum,
                                     weight_decay=spec.weight_decay, nesterov=spec.nesterov)

@@ -41,6 +41,8 @@ MODES = {
     "async-diloco": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov", "--staleness", "2"],
                      lambda n, h: n / h),
 }
+# DDP on paramhub's shards (the reference every table compares with), or with its own DistributedSampler
+DDP_RUNS = {"ddp": "shards", "ddp-distributed": "distributed"}
 SCENARIOS = ("equal", "straggler", "slow-link")
 CGROUP_CPU = pathlib.Path("/sys/fs/cgroup/cpu")
 
@@ -69,9 +71,9 @@ class Settings:
     link_mbit: float = 100.0
 
     def __post_init__(self):
-        unknown = set(self.modes) - set(MODES)
+        unknown = set(self.modes) - set(MODES) - set(DDP_RUNS)
         if unknown:
-            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+            raise ValueError(f"unknown modes {sorted(unknown)}; choose from {', '.join([*MODES, *DDP_RUNS])}")
         unknown = set(self.scenarios) - set(SCENARIOS)
         if unknown:
             raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -144,10 +146,10 @@ def initial_weights(settings: Settings, classes: int, seed: int, path: pathlib.P
 
 
 def run_ddp(settings: Settings, split: pathlib.Path, classes: int, seed: int, scenario: str,
-            work: pathlib.Path, limits: "Limits") -> Run:
+            work: pathlib.Path, limits: "Limits", name: str = "ddp") -> Run:
     from paramhub.tools.ddp import DDPSpec, launch
 
-    out = work / f"{scenario}-ddp-seed{seed}"
+    out = work / f"{scenario}-{name}-seed{seed}"
     init = work / f"init-seed{seed}.safetensors"
     if not init.exists():
         initial_weights(settings, classes, seed, init)
@@ -155,12 +157,12 @@ def run_ddp(settings: Settings, split: pathlib.Path, classes: int, seed: int, sc
     spec = DDPSpec(arch=settings.model, num_classes=classes, data=str(split), image_size=settings.image_size,
                    batch_size=settings.batch_size, steps=settings.steps, lr=settings.lr, momentum=settings.momentum,
                    augment=settings.augment, seed=seed, init=str(init), out=str(out), world_size=settings.workers,
-                   save_every=settings.eval_every, started=started)
+                   save_every=settings.eval_every, sampler=DDP_RUNS[name], started=started)
     launch(spec, env=limits.env(), prefix=limits.ddp_prefixes(settings.workers), timeout=3600)
     per_step = settings.workers * settings.batch_size
     saved = [(int(p.stem.split("-")[1]) * per_step, p.stat().st_mtime - started, p)
              for p in sorted(out.glob("model-*.safetensors"))]
-    return Run("ddp", scenario, seed, saved, time.time() - started, settings.steps * per_step)
+    return Run(name, scenario, seed, saved, time.time() - started, settings.steps * per_step)
 
 
 def run_paramhub(settings: Settings, mode: str, split: pathlib.Path, classes: int, seed: int, scenario: str,
@@ -267,7 +269,7 @@ def score(run: Run, held_out: HeldOut, model_name: str, classes: int) -> None:
 
     model = build_model(model_name, classes)
     for samples, seconds, path in run.saved:
-        state = load_file(path) if run.name == "ddp" else load_model_state(path)
+        state = load_file(path) if run.name in DDP_RUNS else load_model_state(path)
         run.rows.append({"samples": samples, "seconds": round(seconds, 2), "top1": held_out.top1(model, state)})
 
 
@@ -339,10 +341,11 @@ def run(settings: Settings, workdir: str | None = None, echo=print) -> dict:
         try:
             with scenario_limits(scenario, settings) as limits:
                 for seed in settings.seeds:
-                    for name in ("ddp", *settings.modes):
+                    for name in ("ddp", *(m for m in settings.modes if m != "ddp")):
                         echo(f"[versus-ddp] {scenario} seed {seed}: {name}")
-                        one = (run_ddp(settings, split, classes, seed, scenario, work, limits) if name == "ddp"
-                               else run_paramhub(settings, name, split, classes, seed, scenario, work, limits))
+                        one = (run_ddp(settings, split, classes, seed, scenario, work, limits, name)
+                               if name in DDP_RUNS else
+                               run_paramhub(settings, name, split, classes, seed, scenario, work, limits))
                         score(one, held_out, settings.model, classes)
                         runs.append(one)
                         echo(f"[versus-ddp]   top-1 {one.rows[-1]['top1']:.3f} in {one.wall_s:.1f}s")
