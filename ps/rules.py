@@ -217,7 +217,7 @@ class AveragingRule:
 
     outer: str = "none"
     outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_momentum: float = 0.3
     momentum_every: int = 1
 
     def __post_init__(self):
