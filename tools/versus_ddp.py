@@ -40,6 +40,10 @@ MODES = {
     "diloco": (["--mode", "sync", "--update", "avg", "--outer-optimizer", "nesterov"], lambda n, h: 1.0 / h),
     "async-diloco": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov", "--staleness", "2"],
                      lambda n, h: n / h),
+    # no staleness bound: a fast worker never waits for a slow one (the straggler scenario)
+    "async-grad-unbounded": (["--mode", "async", "--update", "grad"], lambda n, h: float(n)),
+    "async-diloco-unbounded": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov"],
+                               lambda n, h: n / h),
 }
 # DDP on paramhub's shards (the reference every table compares with), or with its own DistributedSampler
 DDP_RUNS = {"ddp": "shards", "ddp-distributed": "distributed"}
