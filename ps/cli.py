@@ -148,7 +148,8 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
         )
     except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share)
         raise click.UsageError(str(exc)) from None
-    configure_torch_threads(0, log, "[server] ")  # auto: not every paramhub process on this machine takes all cores
+    # auto: not every paramhub process on this machine takes all cores; re-checked as workers start beside it
+    configure_torch_threads(0, log, "[server] ", recheck=True)
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError, initial_state_in_child

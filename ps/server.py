@@ -24,7 +24,7 @@ from paramhub.common.config import ServerConfig
 from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
 from paramhub.common.models import InitialState, initial_state
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.common.runtime import release_free_memory
+from paramhub.common.runtime import recheck_threads, release_free_memory
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.grace import GraceWindow
@@ -346,6 +346,7 @@ class PSServer:
         while not self._stop.is_set():
             snap = self.store.wait_changed(seen, timeout=0.2)
             seen = snap.version
+            recheck_threads()  # ps-server's auto thread count follows the workers started beside it
             if every and seen - last_checkpoint >= every:
                 self.checkpoint()
                 last_checkpoint = seen
