@@ -178,6 +178,7 @@ def launch(spec: DDPSpec, env: dict[str, str] | None = None, prefix: dict[int, l
 
 
 def main(argv: list[str]) -> None:
+    """One rank: ``python -m paramhub.tools.ddp RANK SPEC_JSON`` (``launch`` starts every rank so)."""
     rank, spec_path = int(argv[0]), argv[1]
     spec = DDPSpec(**json.loads(pathlib.Path(spec_path).read_text()))
     train_rank(rank, spec)

@@ -151,6 +151,7 @@ def initial_weights(settings: Settings, classes: int, seed: int, path: pathlib.P
 
 def run_ddp(settings: Settings, split: pathlib.Path, classes: int, seed: int, scenario: str,
             work: pathlib.Path, limits: "Limits", name: str = "ddp") -> Run:
+    """Trains DDP (``name`` picks its sampler, ``DDP_RUNS``) for one seed; rank 0's models every ``eval_every`` steps."""
     from paramhub.tools.ddp import DDPSpec, launch
 
     out = work / f"{scenario}-{name}-seed{seed}"
@@ -171,6 +172,7 @@ def run_ddp(settings: Settings, split: pathlib.Path, classes: int, seed: int, sc
 
 def run_paramhub(settings: Settings, mode: str, split: pathlib.Path, classes: int, seed: int, scenario: str,
                  work: pathlib.Path, limits: "Limits") -> Run:
+    """Trains one paramhub mode (a real ps-server and ps-workers) to DDP's samples; its checkpoints as it goes."""
     flags, versions_per_step = MODES[mode]
     vps = versions_per_step(settings.workers, settings.local_steps)
     samples_per_version = settings.workers * settings.batch_size / vps
@@ -203,7 +205,12 @@ def run_paramhub(settings: Settings, mode: str, split: pathlib.Path, classes: in
 
 
 class Limits:
-    """No limits: every process runs as it is (the ``equal`` scenario)."""
+    """No limits: every process runs as it is (the ``equal`` scenario).
+
+    A scenario overrides what it changes: the environment of every process, a
+    command prefix per DDP rank, per worker and for the server, the server's extra
+    flags, and the address workers reach it at (None: the cluster's loopback one).
+    """
 
     def env(self) -> dict[str, str]:
         return {}
@@ -267,6 +274,7 @@ class Skipped(Exception):
 
 
 def score(run: Run, held_out: HeldOut, model_name: str, classes: int) -> None:
+    """Fills ``run.rows``: each saved model's samples, wall seconds and held-out top-1."""
     from safetensors.torch import load_file
 
     from paramhub.common.models import build_model
@@ -304,6 +312,7 @@ def summarise(runs: list[Run], target: float | None) -> list[dict]:
 
 
 def format_table(lines: list[dict], skipped: dict[str, str]) -> str:
+    """The summary as a text table (to target: against DDP's in the same scenario), then the skipped scenarios."""
     head = (f"{'scenario':<10} {'run':<13} {'top1 final':>10} {'best':>6} {'samples/s':>9} {'wall s':>7} "
             f"{'to target s':>11} {'vs DDP':>7}  per seed")
     out = [head]
@@ -322,6 +331,7 @@ def format_table(lines: list[dict], skipped: dict[str, str]) -> str:
 
 @contextlib.contextmanager
 def scenario_limits(name: str, settings: Settings) -> Iterator[Limits]:
+    """What slows whom in scenario ``name``; raises Skipped where it cannot run here."""
     if name == "equal":
         yield Limits()
     elif name == "straggler":
@@ -362,6 +372,7 @@ def run(settings: Settings, workdir: str | None = None, echo=print) -> dict:
 
 
 def cpu_model() -> str:
+    """lscpu's model name: every figure is recorded with the CPU it was measured on."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name"):
