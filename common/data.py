@@ -198,6 +198,17 @@ def training_shard(source: str, shard: int, num_shards: int, *, num_classes: int
     return Subset(folder, list(range(len(folder))))
 
 
+def seed_augmentation(seed: int, shard: int) -> None:
+    """Seeds the random crops and flips of a worker drawing from ``shard_loader`` in its own process.
+
+    With ``num_workers=0`` the transforms draw from torch's global generator, which
+    nothing seeded: two runs with the same ``--seed`` augmented differently. paramhub's
+    workers and the DDP reference call this before their first batch, so worker r and
+    rank r see the same augmented images.
+    """
+    torch.manual_seed((seed * 7919 + shard) * 104729 + 1)
+
+
 def shard_loader(data: Dataset, batch_size: int, shard: int, seed: int = 0, *, num_workers: int = 0,
                  pin_memory: bool = False) -> DataLoader:
     """The batches one worker draws from its shard: reshuffled every epoch, in an order seeded by (seed, shard).

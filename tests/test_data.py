@@ -220,3 +220,27 @@ def test_evaluation_sees_small_images_whole_as_training_does_and_crops_large_one
     assert not torch.allclose(small, cropped)  # the zoomed-in crop (the old behaviour) is not what training saw
     large = kinds(data.eval_transform(224))
     assert transforms.CenterCrop in large and transforms.Resize in large
+
+
+def test_seeded_augmentation_repeats(tmp_path):
+    """Worker r's random crops and flips are the same run after run (and the same as DDP's rank r)."""
+    from paramhub.common.data import seed_augmentation, shard_loader, training_shard
+
+    gen = torch.Generator().manual_seed(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            pixels = (torch.rand(20, 20, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+
+    def first_batch(shard: int, seeded: bool) -> torch.Tensor:
+        data = training_shard(str(tmp_path), shard, 2, num_classes=2, image_size=16, augment="cifar", seed=3)
+        loader = shard_loader(data, 4, shard, seed=3)
+        if seeded:
+            seed_augmentation(3, shard)
+        else:
+            torch.manual_seed(torch.seed())  # a fresh, unrelated state, as an unseeded process has
+        return next(iter(loader))[0]
+
+    torch.testing.assert_close(first_batch(0, True), first_batch(0, True))
+    assert not torch.equal(first_batch(0, False), first_batch(0, False))  # the negative control: unseeded differs

@@ -71,7 +71,7 @@ def rank_batches(spec: DDPSpec, rank: int) -> Iterator[tuple[torch.Tensor, torch
     """The endless batches of one rank, as ``spec.sampler`` says."""
     from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-    from paramhub.common.data import shard_loader, training_shard
+    from paramhub.common.data import seed_augmentation, shard_loader, training_shard
     from paramhub.worker.trainer import endless
 
     def shard(r: int):
@@ -79,6 +79,7 @@ def rank_batches(spec: DDPSpec, rank: int) -> Iterator[tuple[torch.Tensor, torch
                               image_size=spec.image_size, augment=spec.augment, seed=spec.seed,
                               synthetic_size=spec.synthetic_size)
 
+    seed_augmentation(spec.seed, rank)
     if spec.sampler == "shards":
         yield from endless(shard_loader(shard(rank), spec.batch_size, rank, spec.seed))
         return

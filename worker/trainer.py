@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from paramhub.common.config import WorkerConfig
-from paramhub.common.data import shard_loader, training_shard
+from paramhub.common.data import seed_augmentation, shard_loader, training_shard
 from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -294,6 +294,7 @@ class Trainer:
                               synthetic_size=cfg.synthetic_size)
         loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
                               pin_memory=on_cuda)
+        seed_augmentation(cfg.seed, cfg.shard)
         batches = endless(loader, cfg.epochs)
         summary = TrainSummary()
         log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
