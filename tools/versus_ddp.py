@@ -9,6 +9,10 @@ images, so scoring never slows a run. Reported per run: top-1 at the end (equal
 samples), the best top-1 seen, samples per second, and wall seconds from launch to
 the target accuracy (DDP's final top-1 in the same scenario and seed, unless given).
 
+A run in which a process fails is an error, not a row: an async run so short that it
+ends before a late-starting worker joins fails that worker (it finds no server), and
+the bench says so instead of reporting a run with fewer workers.
+
 Scenarios: ``equal`` (every worker alike); ``straggler`` (worker 1 — DDP rank 1 — held
 to a third of one core by a cgroup CPU quota, root only); ``slow-link`` (the server,
 or DDP's ranks, behind 100 Mbit/s links made with network namespaces and ``tc tbf``,
