@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
-from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
+from paramhub.common.layout import DTYPE_TO_WIRE, PARAM, Layout, LayoutError, partition_names
 from paramhub.common.models import InitialState, initial_state
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import recheck_threads, release_free_memory
@@ -32,6 +32,7 @@ from paramhub.ps.ledger import Ledger
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
+from paramhub.ps.screen import NormClip, UpdateScreen, all_finite
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
 from paramhub.ps.status_page import StatusPage, run_status
 from paramhub.ps.store import ParameterStore
@@ -152,6 +153,8 @@ class PSServer:
         self.frozen_regions = self.frozen_layout.flatten(state) if frozen else []
         resumed = self._resume() if config.resume else None
         self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(state))
+        if not all_finite(self.store.snapshot().regions):
+            raise RuntimeError("the initial weights hold NaN or infinite values (--init-from?): nothing to train")
         del initial, state
         release_free_memory()  # the initial tensors: freed, but resident while the allocator keeps them
         self.registry = WorkerRegistry(
@@ -184,6 +187,8 @@ class PSServer:
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
             stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
             concurrent_pushes=config.concurrent_pushes,
+            screen=UpdateScreen(self.layout.region_indices(PARAM), max_abs=config.max_update_abs,
+                                clip=NormClip(config.clip_factor) if config.clip_factor else None),
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
@@ -237,6 +242,8 @@ class PSServer:
                 if meta.get("layout_hash") != self.layout.hash:
                     raise checkpoint.CheckpointError(f"{path} holds a different model ({meta.get('model')})")
                 regions = self.layout.flatten(model_state)
+                if not all_finite([*regions, *server_state.values()]):
+                    raise checkpoint.CheckpointError(f"{path} holds NaN or infinite values")
                 if self.frozen_layout is not None:
                     self.frozen_regions = self.frozen_layout.flatten(model_state)
             except (checkpoint.CheckpointError, LayoutError) as exc:
@@ -312,6 +319,9 @@ class PSServer:
     def checkpoint(self) -> str | None:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
+            return None
+        if self.store.failure:  # the optimizer state may hold inf (screen.py, layer 2): keep the last good one
+            log.error("no checkpoint written: %s", self.store.failure)
             return None
         with contextlib.ExitStack() as stack:
             with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers

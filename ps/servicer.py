@@ -28,6 +28,7 @@ from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Una
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.pull_cache import PullCache
+from paramhub.ps.screen import MAX_SAMPLES_PER_PUSH, UpdateScreen
 
 log = logging.getLogger("paramhub.ps")
 SERVICE = "paramhub.v1.ParameterServer"
@@ -101,12 +102,14 @@ class ParameterServerServicer:
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
         concurrent_pushes: pushes received and held at once (each up to the wire layout's size).
+        screen: what a push's values may be and how it counts (default: bounded values, no clipping).
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1):
+                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1,
+                 screen: UpdateScreen | None = None):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -131,6 +134,7 @@ class ParameterServerServicer:
         self.wire_layout = self.layout.on_wire(wire_dtype)
         self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)  # concurrent pulls share one encoding
         self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
+        self.screen = screen or UpdateScreen(self._param_regions)
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -266,8 +270,10 @@ class ParameterServerServicer:
         # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
         # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
-        sparse = codec.SparseCollector(self.wire_layout, sparse_ids)
-        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids])
+        bound = self.screen.max_abs
+        sparse = codec.SparseCollector(self.wire_layout, sparse_ids, max_abs=bound)
+        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids],
+                                         max_abs=bound)
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -285,11 +291,12 @@ class ParameterServerServicer:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
                                    next_version=snap.version, done=snap.done, server_epoch=self.epoch)
+        pieces = assembler.pieces + sparse.pieces
+        weighing = self.screen.weigh(pieces, header.num_samples)
         result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
-            base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
-            loss=header.loss, pieces=assembler.pieces + sparse.pieces, keeps_base=header.keeps_base,
-            parked=parked,
+            base_version=header.base_version, kind=header.kind, num_samples=weighing.num_samples,
+            loss=header.loss, pieces=pieces, keeps_base=header.keeps_base, parked=parked, clip=weighing.clip,
         ))
         return self._response(result)
 
@@ -300,8 +307,8 @@ class ParameterServerServicer:
             raise FailedPrecondition(
                 f"push kind {pb.PushKind.Name(header.kind) if header.kind in pb.PushKind.values() else header.kind}"
                 f" does not match this run's update ({self.run_spec.update})")
-        if header.num_samples < 1:
-            raise InvalidArgument("num_samples must be at least 1")
+        if not 1 <= header.num_samples <= MAX_SAMPLES_PER_PUSH:
+            raise InvalidArgument(f"num_samples must be from 1 to {MAX_SAMPLES_PER_PUSH}, got {header.num_samples}")
         if not math.isfinite(header.loss):
             raise InvalidArgument("reported loss is NaN or infinite")
         if header.sequence < 1:
