@@ -92,9 +92,9 @@ class ParameterServerServicer:
         header only (see PullHeader.version), TensorChunks covering every region of
         the layout by the chunk rules (top of paramhub.proto), in the wire dtype.
         A client checks the coverage itself: a stream that ends early was cut off
-        and must be pulled again. Read-only but for the lease and the SSP accounting (a pull tells the
-        server the version the worker computes from; pulling the same version again
-        changes nothing): safe to retry.
+        and must be pulled again. Read-only but for the lease and the SSP
+        accounting (a pull tells the server the version the worker computes from;
+        pulling the same version again changes nothing): safe to retry.
         Codes: FAILED_PRECONDITION (layout_hash differs: Join again; frozen asked
         but the run has none).
         """
