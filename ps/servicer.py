@@ -254,6 +254,8 @@ class ParameterServerServicer:
         if not self.accepting:
             raise Unavailable("server is shutting down; retry against the restarted server")
         record = self.registry.get(header.worker_id, header.incarnation)
+        if record.observer:
+            raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
         self._check_header(header)
         if header.sequence == record.last_sequence and record.last_reply is not None:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied

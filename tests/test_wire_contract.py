@@ -467,3 +467,18 @@ def test_a_concurrent_duplicate_gets_the_originals_reply(start_server, reference
     assert replies["original"].outcome == pb.PUSH_OUTCOME_ACCEPTED
     assert server.store.version == reply_b.version == 1  # one update: a and b applied together, a once
     np.testing.assert_array_equal(server_weights(server)[0], w0 - np.float32(0.5) * np.float32(2.0))
+
+
+def test_an_observer_s_push_is_refused_and_changes_nothing(start_server, reference):
+    server = start_server(lr=0.5, momentum=0.0)
+    observer, worker = reference(server.port), reference(server.port)
+    observer.join("evaluator", observer=True)
+    worker.join("w")
+    numel = worker.join_reply.layout.regions[0].numel
+    w0 = server_weights(server)[0]
+    with pytest.raises(grpc.RpcError) as info:
+        observer.push(gradient_push(observer, 1, np.ones(numel, dtype=np.float32)))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert server.store.version == 0
+    np.testing.assert_array_equal(server_weights(server)[0], w0)
+    assert worker.push(gradient_push(worker, 1, np.ones(numel, dtype=np.float32))).version == 1  # the control

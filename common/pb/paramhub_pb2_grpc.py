@@ -116,8 +116,9 @@ class ParameterServerServicer:
         sent again. So a retry with the same header and chunks is applied at most
         once; retry on UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED.
         Codes: INVALID_ARGUMENT (no header first, a second header, a chunk breaking
-        the chunk or sparse rules, an incomplete stream, NaN/Inf values,
-        num_samples 0, non-finite loss, sequence 0), FAILED_PRECONDITION
+        the chunk or sparse rules, an incomplete stream, NaN/Inf values or values
+        above the server's --max-update-abs, num_samples 0 or above 2^24,
+        non-finite loss, sequence 0), FAILED_PRECONDITION
         (layout_hash differs, kind not this run's, incarnation replaced, sequence
         older than the last, base_version newer than the server's version, sync:
         this worker already pushed for the current round), NOT_FOUND (unknown
