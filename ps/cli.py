@@ -105,6 +105,8 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
 @click.option("--concurrent-pushes", default=1, type=click.IntRange(min=1), help="Pushes received and held at once, each up to the model's size on the wire (memory vs. overlap on many-core servers).")
+@click.option("--max-live-workers", default=1024, type=click.IntRange(min=1), help="Workers and observers registered with a live lease at once; joins beyond are refused (RESOURCE_EXHAUSTED).")
+@click.option("--keep-departed", default=128, type=click.IntRange(min=0), help="Departed workers (left or lost) remembered and listed by Status; older departures are only counted.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
