@@ -44,7 +44,8 @@ def run_status(server) -> dict:
     for r in roster.live + roster.departed:
         push_rate, sample_rate = rates.get(r.worker_id, (0.0, 0.0))
         workers.append({
-            "id": r.worker_id, "name": r.name, "shard": r.shard, "state": "alive" if r.alive else "left" if r.left else "lost",
+            "id": r.worker_id, "name": r.name, "shard": r.shard,
+            "state": "alive" if r.alive else "left" if r.left else "lost",
             "last_base_version": r.last_base_version, "staleness": last_staleness.get(r.worker_id),
             "applied": applied.get(r.worker_id, 0), "accepted": r.pushes_accepted, "dropped": r.pushes_dropped,
             "seconds_since_seen": round(server.registry.seconds_since_seen(r), 3),

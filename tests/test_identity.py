@@ -201,6 +201,8 @@ def test_status_stays_bounded_with_a_full_registry_of_maximal_names(start_server
     result = CliRunner().invoke(ctl.main, ["status", f"127.0.0.1:{server.port}"])
     assert result.exit_code == 0, result.output
     assert f"{live_cap} live, {departed} departed; {departed - keep} not listed" in result.output
+    rows = result.output.splitlines()
+    assert sum(" alive " in row for row in rows) == live_cap and sum(" left " in row for row in rows) == keep
 
     stub.Leave(pb.LeaveRequest(worker_id=listed_live[0].worker_id, incarnation=1), timeout=10)
     assert join(stub, "one-too-many").worker_id  # a place came free: the cap counts live leases only
