@@ -111,6 +111,10 @@ class ServerConfig:
     # After the run is done, keep answering this long so workers learn it.
     done_grace_s: float = 5.0
     linger: bool = False  # after the run completes, keep serving the final model until stopped
+    # bounds on the worker registry: records with a live lease (further joins are refused with
+    # RESOURCE_EXHAUSTED), and departed records remembered (older departures are only counted)
+    max_live_workers: int = 1024
+    keep_departed: int = 128
 
     def __post_init__(self):
         """Cross-field checks (ValueError), so every way of building a config gets them."""

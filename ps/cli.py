@@ -111,6 +111,8 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--clip-factor", default=None, type=click.FloatRange(min=0, min_open=True),
               help="For untrusted fleets: scale each push down to at most this multiple of the median L2 norm of the "
                    "last 32 pushes, and count it at most the median sample count (off by default; 3 is a good start).")
+@click.option("--max-live-workers", default=1024, type=click.IntRange(min=1), help="Workers and observers registered with a live lease at once; joins beyond are refused (RESOURCE_EXHAUSTED).")
+@click.option("--keep-departed", default=128, type=click.IntRange(min=0), help="Departed workers (left or lost) remembered and listed by Status; older departures are only counted.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
