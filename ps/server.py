@@ -29,6 +29,7 @@ from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.grace import GraceWindow
 from paramhub.ps.ledger import Ledger
+from paramhub.ps.limits import StreamLimits
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
@@ -184,10 +185,11 @@ class PSServer:
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
             stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
             concurrent_pushes=config.concurrent_pushes,
+            limits=StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer),
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="ps-rpc"),
+            futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc"),
             interceptors=config.security.server_interceptors(),
             options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
