@@ -188,8 +188,9 @@ class PSServer:
             limits=StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer),
         )
         self._health = health.HealthServicer()
+        self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc"),
+            self._handlers,
             interceptors=config.security.server_interceptors(),
             options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
@@ -394,5 +395,6 @@ class PSServer:
     def shutdown(self, grace: float = 2.0) -> None:
         """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
         self._grpc.stop(grace).wait(grace + 1)
+        self._handlers.shutdown(wait=False, cancel_futures=True)  # grpc leaves the pool's threads alive
         self._ticker.stop()
         self._close_http()
