@@ -14,6 +14,8 @@ SCHEDULES = ("constant", "cosine", "step")
 OUTER_OPTIMIZERS = ("none", "nesterov")
 MAX_UPDATE_ABS = 1e8  # --max-update-abs: the largest magnitude a pushed value may have (ps/screen.py)
 PRECISE_BN_BATCHES = 20  # --precise-bn-batches: batches of training images to recompute BatchNorm statistics on
+# Handler threads no Push or Pull stream may take: health checks, Status, Join, Heartbeat and Leave run there.
+RESERVED_THREADS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Timeouts:
     lease: float = 30.0  # silence after which a worker is declared lost
     round: float | None = 300.0  # a sync round closes with what arrived after this
     heartbeat: float = 5.0  # interval between worker heartbeats
-    stall: float = 60.0  # a push stream silent this long is cancelled by the server
+    stall: float = 60.0  # a push that sends nothing, or a pull whose client reads nothing, this long is cancelled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,12 @@ class ServerConfig:
     wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pushes and pulls
     partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
     topk_ratio: float = 0.0  # workers push only this fraction of each update (top-k, error feedback); 0: dense
-    max_threads: int = 32
+    # The gRPC handler pool; every open Push or Pull holds one of its threads. Threads start only when needed.
+    rpc_threads: int = 128
+    # Push + Pull streams open at once, in all (None: all but RESERVED_THREADS of rpc_threads) and from one
+    # client address (16 workers on one host, each with up to 2 pushes and 2 pulls open, need 64)
+    max_open_streams: int | None = None
+    max_streams_per_peer: int = 64
     # screening (ps/screen.py): the largest magnitude a pushed value may have, and robust clipping of each
     # push to clip_factor x the median norm of recent pushes (None: off)
     max_update_abs: float = MAX_UPDATE_ABS
@@ -116,8 +123,25 @@ class ServerConfig:
     max_live_workers: int = 1024
     keep_departed: int = 128
 
+    @property
+    def stream_limit(self) -> int:
+        """Push + Pull streams open at once: ``max_open_streams``, or all handler threads but the reserved ones."""
+        return self.max_open_streams if self.max_open_streams is not None else self.rpc_threads - RESERVED_THREADS
+
     def __post_init__(self):
         """Cross-field checks (ValueError), so every way of building a config gets them."""
+        if self.rpc_threads <= RESERVED_THREADS:
+            raise ValueError(f"--rpc-threads must be more than {RESERVED_THREADS} (the threads kept for health "
+                             f"checks, Status, Join, Heartbeat and Leave), got {self.rpc_threads}")
+        if not 1 <= self.stream_limit <= self.rpc_threads - RESERVED_THREADS:
+            raise ValueError(
+                f"--max-open-streams must be from 1 to --rpc-threads - {RESERVED_THREADS} "
+                f"({self.rpc_threads - RESERVED_THREADS}), so that streams never take the threads of health "
+                f"checks, Status, Join, Heartbeat and Leave; got {self.stream_limit}")
+        if self.max_streams_per_peer < 1:
+            raise ValueError(f"--max-streams-per-peer must be at least 1, got {self.max_streams_per_peer}")
+        if not self.timeouts.stall > 0:
+            raise ValueError(f"--stall-timeout must be positive, got {self.timeouts.stall}")
         quorum = self.quorum
         if isinstance(quorum, bool) or not (quorum in ("all", "auto") or isinstance(quorum, int)):
             raise ValueError(f"quorum must be 'all', 'auto' or a number of pushes, got {quorum!r}")

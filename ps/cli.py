@@ -16,8 +16,8 @@ import sys
 
 import click
 
-from paramhub.common.config import (MAX_UPDATE_ABS, MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES, SCHEDULES, UPDATES,
-                                    ServerConfig, Timeouts)
+from paramhub.common.config import (MAX_UPDATE_ABS, MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES,
+                                    RESERVED_THREADS, SCHEDULES, UPDATES, ServerConfig, Timeouts)
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, keep_freed_memory_resident, setup_logging
@@ -114,6 +114,10 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--max-live-workers", default=1024, type=click.IntRange(min=1), help="Workers and observers registered with a live lease at once; joins beyond are refused (RESOURCE_EXHAUSTED).")
 @click.option("--keep-departed", default=128, type=click.IntRange(min=0), help="Departed workers (left or lost) remembered and listed by Status; older departures are only counted.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
+@click.option("--rpc-threads", default=128, type=click.IntRange(min=RESERVED_THREADS + 1), help="gRPC handler threads (started as needed); every open Push or Pull holds one.")
+@click.option("--max-open-streams", default=None, type=click.IntRange(min=1), help=f"Push and Pull streams open at once; more are refused at once as busy (RESOURCE_EXHAUSTED, clients retry) [default: --rpc-threads - {RESERVED_THREADS}, the {RESERVED_THREADS} kept for health, Status, Join, Heartbeat, Leave].")
+@click.option("--max-streams-per-peer", default=64, type=click.IntRange(min=1), help="Push and Pull streams open at once from one client address (a host's workers share it; each has up to 2 pushes and 2 pulls open).")
+@click.option("--stall-timeout", default=60.0, type=float, callback=_positive, help="Cancel a push that sends nothing, or a pull whose client reads nothing, for this many seconds.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
 @click.option("--metrics-port", default=0, type=click.IntRange(0, 65535),
@@ -124,7 +128,7 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
-def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wait, **options):
+def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wait, stall_timeout, **options):
     """Run a parameter server that holds the global model and applies the workers' updates."""
     setup_logging(log_level, log_format)
     keep_freed_memory_resident()
@@ -152,9 +156,10 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
         config = ServerConfig(
             **options,
             security=security,
-            timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait),
+            timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait,
+                                         stall=stall_timeout),
         )
-    except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share)
+    except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share, --max-open-streams)
         raise click.UsageError(str(exc)) from None
     # auto: not every paramhub process on this machine takes all cores; re-checked as workers start beside it
     configure_torch_threads(0, log, "[server] ", recheck=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import grpc
 
+from paramhub.common.pushback import pushback_metadata
+
 
 class PSError(Exception):
     """Base class; ``code`` is the gRPC status the client receives."""
 
     code = grpc.StatusCode.INTERNAL
+    trailing_metadata: tuple = ()  # sent with the status
 
 
 class InvalidArgument(PSError):
@@ -33,6 +36,16 @@ class ResourceExhausted(PSError):
     """A message or stream larger than the server accepts."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Busy(ResourceExhausted):
+    """Too many streams open: refused at once, with a pushback telling the client when to retry."""
+
+    def __init__(self, message: str, retry_after_s: float, limit: str = ""):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit  # which limit refused it, for the metrics
+        self.trailing_metadata = pushback_metadata(retry_after_s)
 
 
 class Unavailable(PSError):

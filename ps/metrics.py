@@ -18,6 +18,7 @@ updates_applied_total                       counter    updates (versions) this p
 pushes_accepted_total                       counter    pushes admitted (applied, or held for the round)
 pushes_dropped_total{reason}                counter    closed_round, too_stale or run_done
 pushes_rejected_total{reason}               counter    refused with a gRPC status; reason is its name
+streams_refused_total{limit}                counter    Push/Pull streams refused as busy: total or per_peer
 push_staleness                              histogram  staleness of every applied push (buckets 0..16)
 round_wait_seconds                          histogram  sync: a round's first push to its close;
                                                        async with a bound: how long a push waited
@@ -58,6 +59,9 @@ class MetricsHook:
 
     def push_rejected(self, code: str) -> None:
         """A push was refused with the gRPC status named ``code`` (``INVALID_ARGUMENT``, ...)."""
+
+    def stream_refused(self, limit: str) -> None:
+        """A Push or Pull was refused at once because ``limit`` (``total`` or ``per_peer``) streams were open."""
 
     def update_applied(self, version: int, loss: float, entries: Sequence[LedgerEntry]) -> None:
         """An update produced ``version`` from ``entries``, whose workers' mean loss was ``loss``."""
@@ -107,6 +111,9 @@ class ServerMetrics(MetricsHook):
         self.accepted = Counter("paramhub_pushes_accepted", "Pushes admitted: applied or held for the round.", **on)
         self.dropped = Counter("paramhub_pushes_dropped", "Valid pushes not applied, by reason.", ["reason"], **on)
         self.rejected = Counter("paramhub_pushes_rejected", "Pushes refused, by gRPC status code.", ["reason"], **on)
+        self.streams_refused = Counter("paramhub_streams_refused",
+                                       "Push and Pull streams refused as busy, by the limit that was full.",
+                                       ["limit"], **on)
         self.staleness = Histogram("paramhub_push_staleness", "Staleness (versions) of each applied push.",
                                    buckets=STALENESS_BUCKETS, **on)
         self.round_wait = Histogram(
@@ -132,6 +139,9 @@ class ServerMetrics(MetricsHook):
 
     def push_rejected(self, code: str) -> None:
         self.rejected.labels(reason=code).inc()
+
+    def stream_refused(self, limit: str) -> None:
+        self.streams_refused.labels(limit=limit).inc()
 
     def update_applied(self, version: int, loss: float, entries: Sequence[LedgerEntry]) -> None:
         self.updates.inc()

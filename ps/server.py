@@ -30,6 +30,7 @@ from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, 
 from paramhub.ps.grace import GraceWindow
 from paramhub.ps.identity import printable
 from paramhub.ps.ledger import Ledger
+from paramhub.ps.limits import StreamLimits
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
@@ -196,10 +197,12 @@ class PSServer:
             concurrent_pushes=config.concurrent_pushes,
             screen=UpdateScreen(self.layout.region_indices(PARAM), max_abs=config.max_update_abs,
                                 clip=NormClip(config.clip_factor) if config.clip_factor else None),
+            limits=StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer),
         )
         self._health = health.HealthServicer()
+        self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_threads, thread_name_prefix="ps-rpc"),
+            self._handlers,
             interceptors=config.security.server_interceptors(),
             options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
@@ -418,5 +421,6 @@ class PSServer:
     def shutdown(self, grace: float = 2.0) -> None:
         """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
         self._grpc.stop(grace).wait(grace + 1)
+        self._handlers.shutdown(wait=False, cancel_futures=True)  # grpc leaves the pool's threads alive
         self._ticker.stop()
         self._close_http()

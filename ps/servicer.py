@@ -24,8 +24,9 @@ from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.admission import PushAdmission
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
-from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
+from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, PSError, Unavailable
 from paramhub.ps.identity import check_join, printable
+from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.pull_cache import PullCache
@@ -43,7 +44,7 @@ def _abort_on_error(method):
         try:
             return method(self, request, context)
         except PSError as exc:
-            context.abort(exc.code, str(exc))
+            _abort(context, exc)
         except (codec.MalformedMessage, LayoutError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -52,44 +53,17 @@ def _abort_on_error(method):
         try:
             yield from method(self, request, context)
         except PSError as exc:
-            context.abort(exc.code, str(exc))
+            _abort(context, exc)
         except (codec.MalformedMessage, LayoutError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return stream_wrapper if inspect.isgeneratorfunction(method) else wrapper
 
 
-class StallGuard:
-    """Cancels a client stream that sends nothing for ``stall_s`` seconds.
-
-    A client's own deadline ends a stalled push with DEADLINE_EXCEEDED on its
-    side; this guard protects the server from clients that set none (or a
-    very long one): their stalled stream is cancelled and the memory its chunks held freed.
-    """
-
-    def __init__(self, context, stall_s: float, what: str):
-        self._context = context
-        self._stall_s = stall_s
-        self._what = what
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self.fired = False
-        threading.Thread(target=self._watch, name="stall-guard", daemon=True).start()
-
-    def touch(self) -> None:
-        """Records activity (a message arrived)."""
-        self._last = time.monotonic()
-
-    def close(self) -> None:
-        self._done.set()
-
-    def _watch(self) -> None:
-        while not self._done.wait(min(1.0, self._stall_s / 4)):
-            if time.monotonic() - self._last > self._stall_s:
-                self.fired = True
-                log.warning("%s stalled for over %.0fs: cancelled", self._what, self._stall_s)
-                self._context.cancel()
-                return
+def _abort(context, exc: PSError) -> None:
+    if exc.trailing_metadata:  # a pushback: when to retry
+        context.set_trailing_metadata(exc.trailing_metadata)
+    context.abort(exc.code, str(exc))
 
 
 class ParameterServerServicer:
@@ -103,6 +77,8 @@ class ParameterServerServicer:
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
         concurrent_pushes: pushes received and held at once (each up to the wire layout's size).
+        limits: how many Push and Pull streams may be open at once (in all, per peer); default unlimited.
+        stall_s: a stream that makes no progress this long is cancelled (``StallGuard``).
         screen: what a push's values may be and how it counts (default: bounded values, no clipping).
     """
 
@@ -110,7 +86,7 @@ class ParameterServerServicer:
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1,
-                 screen: UpdateScreen | None = None):
+                 screen: UpdateScreen | None = None, limits: StreamLimits | None = None):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -136,6 +112,8 @@ class ParameterServerServicer:
         self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)  # concurrent pulls share one encoding
         self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
         self.screen = screen or UpdateScreen(self._param_regions)
+        self.limits = limits or StreamLimits(total=1 << 30, per_peer=1 << 30)
+        self._busy_logged = 0.0  # when a refused stream was last logged (a flood of them is logged every 10 s)
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -195,8 +173,27 @@ class ParameterServerServicer:
 
     # -- streaming RPCs -------------------------------------------------------------
 
+    def _open_stream(self, context) -> None:
+        """Takes a stream slot until the RPC ends; over a limit, Busy at once (nothing read, thread freed)."""
+        try:
+            lease = self.limits.acquire(peer_host(context.peer()))
+        except Busy as exc:
+            self.metrics.stream_refused(exc.limit)
+            if time.monotonic() - self._busy_logged > 10.0:
+                self._busy_logged = time.monotonic()
+                log.warning("refused a stream from %s: %s (%s refused so far)", context.peer(), exc,
+                            sum(self.limits.refused.values()))
+            raise
+        if not context.add_callback(lease.release):  # runs however the RPC ends, a cancel included
+            lease.release()  # it has ended already
+
     @_abort_on_error
     def Pull(self, request: pb.PullRequest, context) -> Iterator[object]:
+        self._open_stream(context)
+        guard = StallGuard(context, self.stall_s, f"pull by {context.peer()}", watching=False)
+        yield from guarded_sends(self._pull(request, context), guard)
+
+    def _pull(self, request: pb.PullRequest, context) -> Iterator[object]:
         if request.frozen:
             yield from self._pull_frozen()
             return
@@ -227,9 +224,10 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Push(self, messages: Iterator[object], context) -> pb.PushResponse:
+        self._open_stream(context)
         guard = StallGuard(context, self.stall_s, f"push from {printable(context.peer())}")
         try:
-            return self._push(self._guarded(messages, guard))
+            return self._push(guarded_receives(messages, guard))
         except (PSError, codec.MalformedMessage, LayoutError) as exc:
             with self._rejected_lock:
                 self.pushes_rejected += 1
@@ -237,17 +235,6 @@ class ParameterServerServicer:
             self.metrics.push_rejected(code.name)
             log.warning("rejected push: %s", printable(exc))
             raise
-        finally:
-            guard.close()
-
-    @staticmethod
-    def _guarded(messages: Iterator[object], guard: StallGuard) -> Iterator[object]:
-        """Passes messages through, telling the guard; the guard stops once the stream has ended
-        (an SSP wait that follows is not a stall)."""
-        try:
-            for message in messages:
-                guard.touch()
-                yield message
         finally:
             guard.close()
 

@@ -1,15 +1,18 @@
 """PSClient: join, pull, push, heartbeat, leave, with deadlines and bounded retries.
 
 Every call has a deadline. Only idempotent calls are retried, and only on
-UNAVAILABLE (the server is not reachable yet, or restarting): Join, Pull,
-Heartbeat, Status, Leave, and Push, which the server deduplicates by
-(worker id, incarnation, sequence) so a retry is applied at most once.
+UNAVAILABLE (the server is not reachable yet, or restarting), CANCELLED (a server
+shutting down, or cancelling a stalled stream) and RESOURCE_EXHAUSTED with a
+pushback (too many streams open: the server says when to retry): Join, Pull,
+Status, and Push, which the server deduplicates by (worker id, incarnation,
+sequence) so a retry is applied at most once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from typing import Callable, Iterator, TypeVar
 
@@ -19,6 +22,7 @@ import torch
 from paramhub.common import codec, faults
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import WIRE_TO_DTYPE, Layout
+from paramhub.common.pushback import pushback_seconds
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import Security, secure_channel
@@ -35,6 +39,10 @@ CHANNEL_OPTIONS = [
 
 class ServerUnreachable(ConnectionError):
     """The server did not answer within the connect timeout."""
+
+
+class ServerBusy(ServerUnreachable):
+    """The server refused our streams as busy (too many open) for the whole connect timeout."""
 
 
 class ServerRestarted(ConnectionError):
@@ -112,7 +120,12 @@ class PSClient:
     # -- retries --------------------------------------------------------------------
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        """Runs ``call``, retrying UNAVAILABLE with exponential backoff for up to ``timeouts.connect`` s."""
+        """Runs ``call``, retrying with exponential backoff for up to ``timeouts.connect`` s.
+
+        Retried: UNAVAILABLE and CANCELLED, and RESOURCE_EXHAUSTED when the server
+        sent a pushback (too many streams open), waiting at least as long as it asked.
+        The waits are jittered, so workers refused together do not retry together.
+        """
         deadline = time.monotonic() + self.timeouts.connect
         delay = 0.1
         while True:
@@ -124,15 +137,21 @@ class PSClient:
                     raise ServerRestarted(f"the server at {self.address} no longer knows this worker") from None
                 # UNAVAILABLE: not reachable (yet, or restarting); CANCELLED: a server shutting down
                 # cancels the calls still in flight. Both are safe to retry: these calls are idempotent
-                # or deduplicated.
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                # or deduplicated. RESOURCE_EXHAUSTED is final (a message too big) unless the server
+                # asks us to come back later (it was busy).
+                pushback = pushback_seconds(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and pushback is None:
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise ServerUnreachable(
-                        f"parameter server at {self.address} unreachable for {self.timeouts.connect:.0f}s "
+                wait = max(delay, pushback or 0.0) * random.uniform(0.8, 1.2)
+                if time.monotonic() + wait > deadline:
+                    error = ServerBusy if pushback is not None else ServerUnreachable
+                    state = "busy" if pushback is not None else "unreachable"
+                    raise error(
+                        f"parameter server at {self.address} {state} for {self.timeouts.connect:.0f}s "
                         f"({what}): {exc.details() if hasattr(exc, 'details') else exc}") from None
-                log.debug("%s: server unavailable, retrying in %.1fs", what, delay)
-                time.sleep(delay)
+                log.debug("%s: server %s, retrying in %.1fs", what, "busy" if pushback is not None else "unavailable",
+                          wait)
+                time.sleep(wait)
                 delay = min(delay * 2, 2.0)
 
     # -- RPCs -----------------------------------------------------------------------
