@@ -78,11 +78,12 @@ def start(start_server, **overrides):
     return start_server(**options)
 
 
-def run_workers(server, digits) -> Outcome:
+def run_workers(server, digits, **config_overrides) -> Outcome:
     split, images, labels = digits
     # no augmentation: its random crops draw from the process's shared RNG, so runs would differ by chance
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data=str(split), batch_size=BATCH, image_size=IMAGE,
-                          augment="none", log_every=0, device="cpu", timeouts=fast_timeouts(round=60, transfer=60))
+                          augment="none", log_every=0, device="cpu", timeouts=fast_timeouts(round=60, transfer=60),
+                          **config_overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each DDP rank: the same kernels, summing in the same order
     try:

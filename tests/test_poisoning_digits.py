@@ -1,0 +1,87 @@
+"""A poisoning worker among honest ones, on real images: --clip-factor keeps the model training.
+
+Two honest Trainers train resnet18 on the digits (the recipe of test_convergence_digits)
+in sync rounds of three; the third member of every round is a hostile client that
+pushes Gaussian noise a thousand times the size of an honest gradient and claims a
+hundred times the samples, with the BatchNorm statistics it pulled. Its values are
+finite and below --max-update-abs, so only the robust rule stands in its way.
+
+- With ``--clip-factor 3`` the model must still reach the honest recipe's threshold.
+- Without it (the negative control) the same fleet must end near chance: the attack
+  is real, so the clip is what saved the first run.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import fast_timeouts
+from paramhub.common.layout import PARAM
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.worker.client import PSClient
+from test_convergence_digits import BATCH, LR, MOMENTUM, THRESHOLD, digits, run_workers  # noqa: F401 (fixture)
+
+pytest.importorskip("sklearn", reason="the digits come with scikit-learn (make install installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+STEPS = 80
+NOISE_NORM = 1000.0  # an honest gradient's norm here is about 1-10
+
+
+def poison(port: int, stop: threading.Event, errors: list) -> None:
+    """Joins and pushes noise for every version until the run is done."""
+    try:
+        with PSClient(f"127.0.0.1:{port}", fast_timeouts(round=60, transfer=60)) as client:
+            info = client.join(name="poisoner", shard=2)
+            layout = info.layout
+            regions = layout.empty_regions()
+            params = set(layout.region_indices(PARAM))
+            gen = torch.Generator().manual_seed(0)
+            version = 0
+            while not stop.is_set():
+                header = client.wait_and_pull(regions, version)
+                if header.done:
+                    return
+                version = header.version
+                update = []
+                for r, region in enumerate(regions):
+                    if r in params:
+                        noise = torch.randn(region.shape, generator=gen)
+                        update.append(noise * (NOISE_NORM / float(noise.norm()) / len(params) ** 0.5))
+                    else:
+                        update.append(region)  # BatchNorm statistics as pulled: the clip leaves buffers alone
+                reply = client.push(pb.PUSH_KIND_GRADIENT, version, update, num_samples=100 * BATCH, loss=2.3)
+                if reply.done:
+                    return
+                version = reply.next_version
+    except Exception as exc:  # re-raised by the test
+        errors.append(exc)
+
+
+def attacked_run(start_server, digits, **server_options) -> float:  # noqa: F811 (fixture)
+    server = start_server(model="resnet18", num_classes=10, workers=3, mode="sync", update="grad", lr=LR,
+                          momentum=MOMENTUM, max_steps=STEPS, **server_options)
+    stop, errors = threading.Event(), []
+    attacker = threading.Thread(target=poison, args=(server.port, stop, errors), daemon=True)
+    attacker.start()
+    try:
+        outcome = run_workers(server, digits, num_shards=2)  # the poisoner has no shard of its own
+    finally:
+        stop.set()
+        attacker.join(timeout=60)
+    assert not errors, errors
+    assert server.store.version == STEPS
+    applied = {entry.worker_id for entry in server.engine.ledger.entries}
+    assert len(applied) == 3, "the poisoner's pushes were not part of the rounds: the test shows nothing"
+    return outcome.top1
+
+
+def test_clipping_keeps_training_on_track_with_a_poisoning_worker(start_server, digits):  # noqa: F811
+    clipped = attacked_run(start_server, digits, clip_factor=3.0)
+    unclipped = attacked_run(start_server, digits)
+    print(f"held-out top-1 with a poisoner: clipped {clipped:.3f}, unclipped {unclipped:.3f}")
+    assert clipped >= THRESHOLD, f"with --clip-factor 3 the model reached only {clipped:.3f}"
+    assert unclipped < 0.5, f"the unclipped run reached {unclipped:.3f}: the attack did no harm, the test shows nothing"
