@@ -267,7 +267,9 @@ class ParameterServerServicer:
         # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
         sparse = codec.SparseCollector(self.wire_layout, sparse_ids)
-        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids])
+        dense_ids = [r for r in self._all_regions if r not in sparse_ids]
+        assembler = codec.PieceCollector(self.wire_layout, dense_ids)
+        received = 0  # payload bytes, for the log line of a stream cut midway
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -275,10 +277,16 @@ class ParameterServerServicer:
                 if not isinstance(message, codec.Chunk):
                     raise InvalidArgument("only chunks may follow the PushHeader")
                 (sparse if message.indices is not None else assembler).add(message)
+                received += len(message.data)
                 self.metrics.bytes_received(len(message.data))
         except grpc.RpcError:
             # The client went away (crash, cancel, deadline) in the middle of the stream.
-            log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, record.name)
+            expected = sum(self.wire_layout.regions[r].nbytes for r in dense_ids)
+            log.warning("push %d of %s abandoned midway after %d of %d payload bytes%s: nothing applied",
+                        header.sequence, record.name, received, expected,
+                        " (and its sparse pairs)" if sparse_ids else "",
+                        extra={"event": "push_abandoned", "worker": record.name, "sequence": header.sequence,
+                               "received_bytes": received, "expected_bytes": expected})
             raise
         assembler.finish()
         if header.dry_run:
