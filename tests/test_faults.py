@@ -166,6 +166,8 @@ def test_server_killed_and_resumed_loses_and_doubles_no_update(tmp_path):
     per_version = collections.Counter(e.version for e in ledger.entries)
     assert sorted(per_version) == list(range(1, 31))  # no version lost
     assert set(per_version.values()) == {2}  # every sync round exactly one push per worker: none doubled
+    ids = {int(i) for i in re.findall(r"worker shard-\d joined \(id (\d+)", logs["server"])}
+    assert len(ids) == 2 and all({e.worker_id for e in ledger.entries if e.version == v} == ids for v in per_version)
     assert crashed_at >= 5  # the crash came mid-run (the newest checkpoint may trail the live version by one)
 
 
