@@ -96,7 +96,7 @@ def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(start_server, connect
     """
     lr, rounds_before_cut = 0.5, 3
     server = start_server(workers=2, lr=lr, max_steps=5, chunk_bytes=1024, metrics_port=0,
-                          timeouts=fast_timeouts(lease=2.0))
+                          timeouts=fast_timeouts(lease=2.0, round=120))
     survivor = connect(server.port)
     survivor.join("w0")
     layout = survivor.info.layout
@@ -121,9 +121,14 @@ def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(start_server, connect
             wait_until(lambda: received() >= 2 * rounds_before_cut * total + sent, 30, "server never got the half")
             victim.kill()
             assert victim.wait(timeout=10) == -signal.SIGKILL
-            wait_until(lambda: "abandoned midway" in caplog.text, 10, "no abandoned push logged")
-            cut = re.search(r"push 4 of w1 abandoned midway after (\d+) of (\d+) payload bytes", caplog.text)
-            assert cut and (int(cut[1]), int(cut[2])) == (sent, total), caplog.text
+            # gRPC Python may end the request iterator of a call whose client died before it marks the
+            # call cancelled: the server then sees a stream that ended short (INVALID_ARGUMENT) instead
+            # of an abandoned one (about 1 run in 6 here). Both log what had arrived; neither applies it.
+            cut_log = re.compile(r"push 4 of w1 abandoned midway after (\d+) of (\d+) payload bytes"
+                                 r"|rejected push: stream ended with region \S+ at (\d+) of (\d+) bytes")
+            wait_until(lambda: cut_log.search(caplog.text), 10, "the cut push was not logged")
+            numbers = [int(n) for n in cut_log.search(caplog.text).groups() if n is not None]
+            assert numbers == [sent, total], caplog.text
             assert server.store.version == rounds_before_cut
             assert all(torch.equal(a, b) for a, b in zip(server.store.snapshot().regions, weights))
             # the survivor's next round closes without the victim, once its lease expires: its step alone
