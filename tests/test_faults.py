@@ -90,9 +90,10 @@ def heartbeating(client: PSClient, every: float = 0.25):
 def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(start_server, connect, caplog):
     """A worker process SIGKILLed in the middle of a 14-chunk push, once the server holds part of it.
 
-    The server logs the abandoned stream with what it had received, applies none of it (the
-    weights stay those of the last round, then become exactly the survivor's step alone), the
-    worker's lease expires and the run finishes.
+    The server logs the cut stream with the bytes it had received of the push's, applies none of
+    it (the weights stay those of the last round, then become exactly the survivor's step alone),
+    the worker's lease expires and the run finishes. The kill comes from the test (the victim is
+    ``scripted_worker.py``), not from a hook in the production worker.
     """
     lr, rounds_before_cut = 0.5, 3
     server = start_server(workers=2, lr=lr, max_steps=5, chunk_bytes=1024, metrics_port=0,
@@ -123,7 +124,7 @@ def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(start_server, connect
             assert victim.wait(timeout=10) == -signal.SIGKILL
             # gRPC Python may end the request iterator of a call whose client died before it marks the
             # call cancelled: the server then sees a stream that ended short (INVALID_ARGUMENT) instead
-            # of an abandoned one (about 1 run in 6 here). Both log what had arrived; neither applies it.
+            # of an abandoned one (6 runs of 14 here). Both log what had arrived; neither applies it.
             cut_log = re.compile(r"push 4 of w1 abandoned midway after (\d+) of (\d+) payload bytes"
                                  r"|rejected push: stream ended with region \S+ at (\d+) of (\d+) bytes")
             wait_until(lambda: cut_log.search(caplog.text), 10, "the cut push was not logged")
