@@ -29,6 +29,10 @@ if sys.byteorder != "little":  # the wire is little-endian and we copy raw memor
 
 # 2 MB chunks measured best on loopback (512 KB to 8 MB tried; DESIGN.md).
 DEFAULT_CHUNK_BYTES = 2 << 20
+# The range a server may set: a chunk holds at least a few elements of any dtype (and sparse
+# index/value pairs), and at most what a PSClient accepts in one message (its 64 MB limit).
+MIN_CHUNK_BYTES = 1 << 10
+MAX_CHUNK_BYTES = 32 << 20
 # gRPC's receive limit must leave room for the message framing around a chunk.
 MESSAGE_OVERHEAD_BYTES = 64
 

@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from paramhub.common import codec
 from paramhub.common.config import (MAX_UPDATE_ABS, MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES,
                                     RESERVED_THREADS, SCHEDULES, UPDATES, ServerConfig, Timeouts)
 from paramhub.common.models import ARCHS
@@ -104,6 +105,9 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--partition", default="0/1", callback=_partition, help="k/m: hold partition k of m of the model's tensors (start m servers, one per k).")
 @click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
+@click.option("--chunk-bytes", default=codec.DEFAULT_CHUNK_BYTES,
+              type=click.IntRange(codec.MIN_CHUNK_BYTES, codec.MAX_CHUNK_BYTES),
+              help="Payload bytes per chunk of a pull, and the most a push chunk may carry (workers follow it).")
 @click.option("--concurrent-pushes", default=1, type=click.IntRange(min=1), help="Pushes received and held at once, each up to the model's size on the wire (memory vs. overlap on many-core servers).")
 @click.option("--max-update-abs", default=MAX_UPDATE_ABS, type=click.FloatRange(min=0, min_open=True),
               help="Refuse a push holding any value above this magnitude (INVALID_ARGUMENT): keeps the server's sums "

@@ -250,7 +250,10 @@ class PSServer:
             try:
                 model_state, server_state, meta = checkpoint.load_checkpoint(path)
                 if meta.get("layout_hash") != self.layout.hash:
-                    raise checkpoint.CheckpointError(f"{path} holds a different model ({meta.get('model')})")
+                    raise checkpoint.CheckpointError(
+                        f"{path} holds a different model ({meta.get('model')}, {meta.get('num_classes')} classes, "
+                        f"layout {str(meta.get('layout_hash'))[:12]}) than this server's ({self.config.model}, "
+                        f"{self.config.num_classes} classes, layout {self.layout.hash[:12]})")
                 regions = self.layout.flatten(model_state)
                 if not all_finite([*regions, *server_state.values()]):
                     raise checkpoint.CheckpointError(f"{path} holds NaN or infinite values")

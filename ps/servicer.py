@@ -267,8 +267,18 @@ class ParameterServerServicer:
         sparse_ids = self._param_regions if header.sparse else []
         bound = self.screen.max_abs
         sparse = codec.SparseCollector(self.wire_layout, sparse_ids, max_abs=bound)
-        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids],
-                                         max_abs=bound)
+        dense_ids = [r for r in self._all_regions if r not in sparse_ids]
+        assembler = codec.PieceCollector(self.wire_layout, dense_ids, max_abs=bound)
+        received = 0  # payload bytes, for the log line of a stream cut midway
+
+        def abandoned(how: str) -> None:
+            expected = sum(self.wire_layout.regions[r].nbytes for r in dense_ids)
+            log.warning("push %d of %s %s after %d of %d payload bytes%s: nothing applied",
+                        header.sequence, printable(record.name), how, received, expected,
+                        " (and its sparse pairs)" if sparse_ids else "",
+                        extra={"event": "push_abandoned", "worker": record.name, "sequence": header.sequence,
+                               "received_bytes": received, "expected_bytes": expected})
+
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -276,12 +286,18 @@ class ParameterServerServicer:
                 if not isinstance(message, codec.Chunk):
                     raise InvalidArgument("only chunks may follow the PushHeader")
                 (sparse if message.indices is not None else assembler).add(message)
+                received += len(message.data)
                 self.metrics.bytes_received(len(message.data))
         except grpc.RpcError:
-            # The client went away (crash, cancel, deadline) in the middle of the stream.
-            log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, printable(record.name))
+            abandoned("abandoned midway")  # the client went away (crash, cancel, deadline) mid-stream
             raise
-        assembler.finish()
+        try:
+            assembler.finish()
+        except codec.MalformedMessage:
+            # A client killed mid-stream can look like this too: gRPC may end the stream before it
+            # marks the call cancelled. Either way the push is incomplete and logged the same.
+            abandoned("ended short")
+            raise
         if header.dry_run:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,

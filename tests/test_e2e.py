@@ -72,6 +72,7 @@ def test_worker_gives_up_on_a_missing_server_naming_the_address():
 @pytest.mark.parametrize("argv, message", [
     (["paramhub.ps.cli", "--mode", "bogus"], "Invalid value for '--mode'"),
     (["paramhub.ps.cli", "--workers", "2", "--backup-workers", "2"], "--backup-workers"),
+    (["paramhub.ps.cli", "--chunk-bytes", "100"], "Invalid value for '--chunk-bytes'"),
     (["paramhub.worker.cli", "--server", "no-port"], "expected host:port"),
     (["paramhub.worker.cli", "--shard", "3", "--num-shards", "2"], "--shard"),
 ])

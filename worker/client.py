@@ -19,7 +19,7 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 import torch
 
-from paramhub.common import codec, faults
+from paramhub.common import codec
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import WIRE_TO_DTYPE, Layout
 from paramhub.common.pushback import pushback_seconds
@@ -264,12 +264,7 @@ class PSClient:
                 dense.remove(r)
             on_wire = [r if r.dtype == b.dtype else b.copy_(r)
                        for r, b in zip(regions, self._wire_buffer("push", wire))] if wire is not info.layout else regions
-            chunks = codec.encoded_chunks(wire, on_wire, dense, chunk_bytes)
-            if faults.die_mid_push(header.sequence):
-                chunks = list(chunks)
-                yield from chunks[: len(chunks) // 2]  # never the whole push: nothing may be applied
-                faults.die_now()
-            yield from chunks
+            yield from codec.encoded_chunks(wire, on_wire, dense, chunk_bytes)
 
         deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
         reply = self._retrying("push", lambda: self._push(messages(), timeout=deadline))
