@@ -147,13 +147,16 @@ class WorkerRegistry:
             record.alive = True
             return record
 
-    def touch(self, worker_id: int) -> None:
-        """Renews a joined worker's lease if it is known; silently ignores unknown ids and those that left."""
+    def touch(self, worker_id: int) -> bool:
+        """Renews a joined worker's lease (not one that left); returns whether the id joined this process."""
         with self._lock:
             record = self._by_id.get(worker_id)
-            if record is not None and record.joined and not record.left:
+            if record is None or not record.joined:
+                return False
+            if not record.left:
                 record.last_seen = self._clock()
                 record.alive = True
+            return True
 
     def leave(self, worker_id: int, incarnation: int) -> WorkerRecord:
         """Ends a worker's lease now, for good: its later calls are refused until it joins again.

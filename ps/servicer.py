@@ -24,7 +24,7 @@ from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.admission import PushAdmission
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
-from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, PSError, Unavailable
+from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable
 from paramhub.ps.identity import check_join, printable
 from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
@@ -199,8 +199,10 @@ class ParameterServerServicer:
             return
         if request.layout_hash and request.layout_hash != self.layout.hash:
             raise FailedPrecondition("layout hash differs from the server's; re-join to learn the layout")
-        if request.worker_id:
-            self.registry.touch(request.worker_id)  # a pull renews the lease like a heartbeat
+        # a pull renews the lease like a heartbeat; an id this process never saw joined (it restarted)
+        # is told at once, not after a pull wait that would end in a header from a new epoch anyway
+        if request.worker_id and not self.registry.touch(request.worker_id):
+            raise NotFound(f"unknown worker id {request.worker_id} (the server may have restarted); join again")
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
         with self.store.reading(request.min_version, wait) as snap:  # its memory is not reused while we stream

@@ -87,10 +87,7 @@ def test_a_server_killed_mid_round_resumes_to_exactly_the_uninterrupted_run(tmp_
     args = ("--model", "mlp", "--num-classes", "4", "--workers", "2", "--max-steps", str(MAX_STEPS),
             "--lr", str(LR), "--momentum", str(MOMENTUM), "--nesterov", "--weight-decay", str(WEIGHT_DECAY),
             "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--keep-checkpoints", "3",
-            "--chunk-bytes", "4096", "--linger",
-            # a pull waiting at the restarted server for a version it has not reached learns of the
-            # restart only when its wait ends (the header comes after it): keep that short
-            "--pull-wait", "2")
+            "--chunk-bytes", "4096", "--linger")  # the default --pull-wait: a restarted server says NOT_FOUND at once
     with LocalCluster(tmp_path / "run") as cluster:
         port = cluster.start_server(*args)
         layout, start, _ = pull_all(cluster.address)

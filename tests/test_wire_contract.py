@@ -482,3 +482,19 @@ def test_an_observer_s_push_is_refused_and_changes_nothing(start_server, referen
     assert server.store.version == 0
     np.testing.assert_array_equal(server_weights(server)[0], w0)
     assert worker.push(gradient_push(worker, 1, np.ones(numel, dtype=np.float32))).version == 1  # the control
+
+
+def test_a_pull_from_an_id_this_server_never_saw_joined_is_told_at_once(start_server, reference):
+    """After a restart a worker's pull must not wait out the pull wait to learn it: NOT_FOUND, Join again."""
+    server = start_server(timeouts=fast_timeouts(pull_wait=30))
+    client = reference(server.port)
+    join = client.join("w")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.stub.Pull(pb.PullRequest(worker_id=join.worker_id + 1, min_version=5), timeout=20))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert time.monotonic() - started < 5
+    header, _ = client.pull()  # the control: a joined id, and an anonymous reader, are served
+    assert header.version == 0
+    anonymous = list(client.stub.Pull(pb.PullRequest(worker_id=0), timeout=10))
+    assert anonymous[0].header.version == 0 and len(anonymous) > 1

@@ -96,7 +96,10 @@ class ParameterServerServicer:
         accounting (a pull tells the server the version the worker computes from;
         pulling the same version again changes nothing): safe to retry.
         Codes: FAILED_PRECONDITION (layout_hash differs: Join again; frozen asked
-        but the run has none).
+        but the run has none), NOT_FOUND (worker_id did not join this server
+        process, e.g. it restarted: Join again), RESOURCE_EXHAUSTED with the
+        trailing metadata grpc-retry-pushback-ms (too many streams open: retry
+        after that many ms).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,8 +125,8 @@ class ParameterServerServicer:
         (layout_hash differs, kind not this run's, incarnation replaced, sequence
         older than the last, base_version newer than the server's version, sync:
         this worker already pushed for the current round), NOT_FOUND (unknown
-        worker_id: Join again), RESOURCE_EXHAUSTED (a message over the limit),
-        UNAVAILABLE (shutting down; a duplicate whose original is in progress or
+        worker_id: Join again), RESOURCE_EXHAUSTED (a message over the limit; or
+        busy, with a pushback: retry), UNAVAILABLE (shutting down; a duplicate whose original is in progress or
         failed), CANCELLED (the stream stalled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
