@@ -130,10 +130,10 @@ class ServerConfig:
         return self.max_open_streams if self.max_open_streams is not None else self.rpc_threads - RESERVED_THREADS
 
     @property
-    def request_wait_limit(self) -> int:
-        """Calls waiting for their request message at once: the threads streams cannot take, less half of the
-        reserved ones, which stay for calls that have their request (ps/request_gate.py)."""
-        return self.rpc_threads - self.stream_limit - RESERVED_THREADS // 2
+    def request_wait_threads(self) -> int:
+        """Handler threads that calls waiting for their request message and open streams may hold together:
+        all but half of the reserved ones, which stay for calls that have their request (ps/request_gate.py)."""
+        return self.rpc_threads - RESERVED_THREADS // 2
 
     def __post_init__(self):
         """Cross-field checks (ValueError), so every way of building a config gets them."""

@@ -9,8 +9,9 @@ interceptor) serves these methods as request-streaming ones instead, with the sa
 wire bytes (a unary request is one message either way), so that our code runs at
 once and reads the one message itself, counted and bounded by ``RequestWaits``:
 
-- at most ``per_peer`` calls from one client address and ``total`` in all wait for
-  their request at once. A new call over a limit takes the place of the call that has
+- at most ``per_peer`` calls from one client address wait for their request at once,
+  and in all no more than the handler threads that open streams leave (less a few kept
+  for calls that have their request). A new call over a limit takes the place of the call that has
   waited longest, if that one has waited ``OUTWAITED_S`` already (a client sends its
   request at once; it arrives in microseconds): that call is cancelled. Otherwise the
   new call is refused at once as busy (RESOURCE_EXHAUSTED with a pushback). So the
@@ -26,6 +27,7 @@ import collections
 import logging
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -56,19 +58,22 @@ class RequestWaits:
     same bound, so the oldest is always due first).
 
     Args:
-        total: calls waiting at once, from all peers (each holds a handler thread).
+        threads: the handler threads that waiting calls and open streams may hold together (each holds one).
         per_peer: calls waiting at once from one client address.
         timeout_s: the longest a call may wait for its request (``--request-timeout``).
+        held_by_streams: how many threads open Push and Pull streams hold now.
         retry_after_s: the pushback a refused client is given.
     """
 
-    def __init__(self, total: int, per_peer: int, timeout_s: float, retry_after_s: float = RETRY_AFTER_S):
-        if not 1 <= per_peer <= total:
-            raise ValueError(f"need 1 <= per_peer <= total, got {per_peer} and {total}")
-        self.total = total
+    def __init__(self, threads: int, per_peer: int, timeout_s: float, held_by_streams: Callable[[], int] = lambda: 0,
+                 retry_after_s: float = RETRY_AFTER_S):
+        if not 1 <= per_peer <= threads:
+            raise ValueError(f"need 1 <= per_peer <= threads, got {per_peer} and {threads}")
+        self.threads = threads
         self.per_peer = per_peer
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
+        self._held_by_streams = held_by_streams
         self._waiting: list[_Waiting] = []  # oldest first
         self._changed = threading.Condition()
         self._closed = False
@@ -77,17 +82,22 @@ class RequestWaits:
         self._logged = 0.0
         threading.Thread(target=self._cancel_overdue, name="request-waits", daemon=True).start()
 
+    @property
+    def total(self) -> int:
+        """Calls that may wait at once now: the threads that open streams leave."""
+        return max(1, self.threads - self._held_by_streams())
+
     def enter(self, peer: str, context) -> _Waiting:
         """Counts a call from ``peer`` as waiting for its request, making room if the oldest has outwaited.
 
         Raises:
             Busy: a limit is reached and every call counted against it arrived less than ``OUTWAITED_S`` ago.
         """
-        now = time.monotonic()
+        now, total = time.monotonic(), self.total
         with self._changed:
             mine = [w for w in self._waiting if w.peer == peer]
             limit, full = (("per_peer", mine) if len(mine) >= self.per_peer else
-                           ("total", self._waiting) if len(self._waiting) >= self.total else ("", []))
+                           ("total", self._waiting) if len(self._waiting) >= total else ("", []))
             outwaited = full[0] if full and now - full[0].since >= OUTWAITED_S else None
             if full and outwaited is None:
                 self.refused[limit] += 1

@@ -202,10 +202,10 @@ class PSServer:
         )
         self._health = health.HealthServicer()
         self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
-        # one host may keep half of the threads for calls waiting for their request message
-        self.request_waits = RequestWaits(total=config.request_wait_limit,
-                                          per_peer=max(1, config.request_wait_limit // 2),
-                                          timeout_s=config.timeouts.request)
+        # calls waiting for their request take the threads streams leave; one host at most half of them
+        self.request_waits = RequestWaits(threads=config.request_wait_threads,
+                                          per_peer=config.request_wait_threads // 2, timeout_s=config.timeouts.request,
+                                          held_by_streams=lambda: self.servicer.limits.open)
         self._grpc = grpc.server(
             self._handlers,  # the token check first: a call without the token is refused before it is counted
             interceptors=config.security.server_interceptors() + [RequestGate(self.request_waits)],

@@ -364,10 +364,10 @@ def test_calls_that_never_send_their_request_message_do_not_starve_health(start_
                                                                           protected):
     """16 silent Pull, Status and health calls from one host, on 12 handler threads.
 
-    With the gate, 2 wait (the host's share of the 4 places: 12 threads, 4 for streams, 4 kept
-    for calls that have their request) and 14 are refused at once; a health check and a Status
-    from the same host, once those 2 have waited ``OUTWAITED_S``, answer at once (the first takes
-    the place of one of them). The negative control: without it, the calls take every thread and health
+    With the gate, 4 wait (one host's share: half of the 8 threads not kept for calls that have
+    their request) and 12 are refused at once; a health check and a Status from the same host,
+    once those 4 have waited ``OUTWAITED_S``, answer at once (the first takes the place of one
+    of them). The negative control: without it, the calls take every thread and health
     times out.
     """
     def handler_threads() -> set:
@@ -389,34 +389,34 @@ def test_calls_that_never_send_their_request_message_do_not_starve_health(start_
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert attack.open() == 16 and waits.waiting == 0  # nothing of ours ran
         return
-    wait_for(lambda: waits.waiting == 2 and len(attack.ended()) == 14, what="2 waiting, 14 refused")
+    wait_for(lambda: waits.waiting == 4 and len(attack.ended()) == 12, what="4 waiting, 12 refused")
     in_place = time.monotonic()
     refused = attack.ended()
-    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 14}
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12}
     assert all("waiting for their request message" in e.details() for e in refused)
     assert {dict(e.trailing_metadata())[PUSHBACK_KEY] for e in refused} == {"1000"}
-    assert waits.refused == {"per_peer": 14}
+    assert waits.refused == {"per_peer": 12}
 
     wait_for(lambda: time.monotonic() - in_place > OUTWAITED_S, what="the waiting calls to have outwaited")
     check_s, status_s = health_and_status_seconds(server.port)
     assert max(check_s, status_s) < QUICK_S, (check_s, status_s)
-    # the health check took the place of one; the Status found a free one (1 of 2 taken)
-    wait_for(lambda: attack.open() == 1, timeout=5, what="a waiting call to give its place")
-    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 14, grpc.StatusCode.CANCELLED: 1}
-    assert waits.cancelled == {"outwaited": 1} and waits.waiting == 1
+    # the health check took the place of one; the Status found a free one (3 of 4 taken)
+    wait_for(lambda: attack.open() == 3, timeout=5, what="a waiting call to give its place")
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12, grpc.StatusCode.CANCELLED: 1}
+    assert waits.cancelled == {"outwaited": 1} and waits.waiting == 3
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) here: cannot make a second peer address")
 def test_another_host_is_served_while_one_host_holds_its_places_until_the_request_timeout(start_server, connect,
                                                                                       silent_calls):
-    """The attack from 127.0.0.1 keeps its 2 places (no one takes them: the total of 4 is not reached);
+    """The attack from 127.0.0.1 keeps its 4 places (no one takes them: the total of 8 is not reached);
     health, Status and a worker's Join, Heartbeat and Pull from ::1 are served meanwhile; the
     attack's calls are cancelled once ``--request-timeout`` has passed."""
     server = start_server(host="localhost", rpc_threads=12, timeouts=fast_timeouts(stall=60, request=2.0))
     waits = server.request_waits
     opened = time.monotonic()
     attack = silent_calls(f"127.0.0.1:{server.port}", 16)
-    wait_for(lambda: waits.waiting == 2 and len(attack.ended()) == 14, what="2 waiting, 14 refused")
+    wait_for(lambda: waits.waiting == 4 and len(attack.ended()) == 12, what="4 waiting, 12 refused")
     check_s, status_s = health_and_status_seconds(server.port, host="[::1]")
     with PSClient(f"[::1]:{server.port}", fast_timeouts()) as client:
         start = time.monotonic()
@@ -427,12 +427,12 @@ def test_another_host_is_served_while_one_host_holds_its_places_until_the_reques
         worker_s = time.monotonic() - start
     torch.testing.assert_close(regions[0], server.store.snapshot().regions[0], rtol=0, atol=0)
     assert max(check_s, status_s, worker_s) < QUICK_S, (check_s, status_s, worker_s)
-    assert attack.open() == 2 and waits.refused == {"per_peer": 14}  # all the while, and ::1 was never refused
+    assert attack.open() == 4 and waits.refused == {"per_peer": 12}  # all the while, and ::1 was never refused
 
     wait_for(lambda: attack.open() == 0, timeout=10, what="the request timeout to cancel the attack")
     assert 2.0 <= time.monotonic() - opened < 4.5
-    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 14, grpc.StatusCode.CANCELLED: 2}
-    assert waits.cancelled == {"timeout": 2} and waits.waiting == 0
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12, grpc.StatusCode.CANCELLED: 4}
+    assert waits.cancelled == {"timeout": 4} and waits.waiting == 0
 
 
 def test_a_request_sent_late_but_within_the_request_timeout_is_served(start_server):
