@@ -30,6 +30,7 @@ class Timeouts:
     round: float | None = 300.0  # a sync round closes with what arrived after this
     heartbeat: float = 5.0  # interval between worker heartbeats
     stall: float = 60.0  # a push that sends nothing, or a pull whose client reads nothing, this long is cancelled
+    request: float = 5.0  # a call whose request message has not arrived this long after it opened is cancelled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,12 @@ class ServerConfig:
         """Push + Pull streams open at once: ``max_open_streams``, or all handler threads but the reserved ones."""
         return self.max_open_streams if self.max_open_streams is not None else self.rpc_threads - RESERVED_THREADS
 
+    @property
+    def request_wait_threads(self) -> int:
+        """Handler threads that calls waiting for their request message and open streams may hold together:
+        all but half of the reserved ones, which stay for calls that have their request (ps/request_gate.py)."""
+        return self.rpc_threads - RESERVED_THREADS // 2
+
     def __post_init__(self):
         """Cross-field checks (ValueError), so every way of building a config gets them."""
         if self.rpc_threads <= RESERVED_THREADS:
@@ -142,6 +149,8 @@ class ServerConfig:
             raise ValueError(f"--max-streams-per-peer must be at least 1, got {self.max_streams_per_peer}")
         if not self.timeouts.stall > 0:
             raise ValueError(f"--stall-timeout must be positive, got {self.timeouts.stall}")
+        if not self.timeouts.request > 0:
+            raise ValueError(f"--request-timeout must be positive, got {self.timeouts.request}")
         quorum = self.quorum
         if isinstance(quorum, bool) or not (quorum in ("all", "auto") or isinstance(quorum, int)):
             raise ValueError(f"quorum must be 'all', 'auto' or a number of pushes, got {quorum!r}")

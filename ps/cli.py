@@ -122,6 +122,7 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--max-open-streams", default=None, type=click.IntRange(min=1), help=f"Push and Pull streams open at once; more are refused at once as busy (RESOURCE_EXHAUSTED, clients retry) [default: --rpc-threads - {RESERVED_THREADS}, the {RESERVED_THREADS} kept for health, Status, Join, Heartbeat, Leave].")
 @click.option("--max-streams-per-peer", default=64, type=click.IntRange(min=1), help="Push and Pull streams open at once from one client address (a host's workers share it; each has up to 2 pushes and 2 pulls open).")
 @click.option("--stall-timeout", default=60.0, type=float, callback=_positive, help="Cancel a push that sends nothing, or a pull whose client reads nothing, for this many seconds.")
+@click.option("--request-timeout", default=5.0, type=float, callback=_positive, help="Cancel a call whose request message has not arrived this many seconds after it opened (clients send it at once).")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
 @click.option("--metrics-port", default=0, type=click.IntRange(0, 65535),
@@ -132,7 +133,8 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
-def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wait, stall_timeout, **options):
+def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wait, stall_timeout, request_timeout,
+         **options):
     """Run a parameter server that holds the global model and applies the workers' updates."""
     setup_logging(log_level, log_format)
     keep_freed_memory_resident()
@@ -161,7 +163,7 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
             **options,
             security=security,
             timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait,
-                                         stall=stall_timeout),
+                                         stall=stall_timeout, request=request_timeout),
         )
     except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share, --max-open-streams)
         raise click.UsageError(str(exc)) from None

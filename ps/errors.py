@@ -52,3 +52,10 @@ class Unavailable(PSError):
     """The server is shutting down and takes no new work."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+def abort_rpc(context, exc: PSError) -> None:
+    """Ends the RPC with ``exc``'s status code, message and trailing metadata (a pushback); raises."""
+    if exc.trailing_metadata:  # a pushback: when to retry
+        context.set_trailing_metadata(exc.trailing_metadata)
+    context.abort(exc.code, str(exc))

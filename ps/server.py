@@ -33,6 +33,7 @@ from paramhub.ps.ledger import Ledger
 from paramhub.ps.limits import StreamLimits
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
+from paramhub.ps.request_gate import RequestGate, RequestWaits
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
 from paramhub.ps.screen import NormClip, UpdateScreen, all_finite
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
@@ -201,9 +202,13 @@ class PSServer:
         )
         self._health = health.HealthServicer()
         self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
+        # calls waiting for their request take the threads streams leave; one host at most half of them
+        self.request_waits = RequestWaits(threads=config.request_wait_threads,
+                                          per_peer=config.request_wait_threads // 2, timeout_s=config.timeouts.request,
+                                          held_by_streams=lambda: self.servicer.limits.open)
         self._grpc = grpc.server(
-            self._handlers,
-            interceptors=config.security.server_interceptors(),
+            self._handlers,  # the token check first: a call without the token is refused before it is counted
+            interceptors=config.security.server_interceptors() + [RequestGate(self.request_waits)],
             options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
                 ("grpc.max_send_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
@@ -425,5 +430,6 @@ class PSServer:
         """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
         self._grpc.stop(grace).wait(grace + 1)
         self._handlers.shutdown(wait=False, cancel_futures=True)  # grpc leaves the pool's threads alive
+        self.request_waits.close()
         self._ticker.stop()
         self._close_http()

@@ -24,7 +24,7 @@ from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.admission import PushAdmission
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
-from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable
+from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable, abort_rpc
 from paramhub.ps.identity import check_join, printable
 from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
@@ -44,7 +44,7 @@ def _abort_on_error(method):
         try:
             return method(self, request, context)
         except PSError as exc:
-            _abort(context, exc)
+            abort_rpc(context, exc)
         except (codec.MalformedMessage, LayoutError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -53,17 +53,11 @@ def _abort_on_error(method):
         try:
             yield from method(self, request, context)
         except PSError as exc:
-            _abort(context, exc)
+            abort_rpc(context, exc)
         except (codec.MalformedMessage, LayoutError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return stream_wrapper if inspect.isgeneratorfunction(method) else wrapper
-
-
-def _abort(context, exc: PSError) -> None:
-    if exc.trailing_metadata:  # a pushback: when to retry
-        context.set_trailing_metadata(exc.trailing_metadata)
-    context.abort(exc.code, str(exc))
 
 
 class ParameterServerServicer:

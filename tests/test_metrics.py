@@ -173,7 +173,7 @@ def test_cli_flags_reach_the_server_config_and_logging(monkeypatch):
     class FakeServer:
         def __init__(self, config, build):
             made.append(config)
-            self.port, self.last_checkpoint, self.store = 1, None, types.SimpleNamespace(version=0)
+            self.port, self.last_checkpoint, self.store = 1, None, types.SimpleNamespace(version=0, failure=None)
 
         def start(self):
             return self.port

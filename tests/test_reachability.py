@@ -27,6 +27,7 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.pushback import PUSHBACK_KEY
 from paramhub.ps.limits import StreamLimits
+from paramhub.ps.request_gate import OUTWAITED_S, RequestGate
 from paramhub.worker.client import PSClient, ServerBusy
 
 pytestmark = pytest.mark.timeout(90)
@@ -90,9 +91,9 @@ def timed(call) -> float:
     return time.monotonic() - start
 
 
-def health_and_status_seconds(port: int) -> tuple[float, float]:
+def health_and_status_seconds(port: int, host: str = "127.0.0.1") -> tuple[float, float]:
     """How long a health check and a Status take on a fresh connection (deadline 5 s: over, they raise)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         status = pb_grpc.ParameterServerStub(channel)
         check = timed(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5))
@@ -301,36 +302,190 @@ def test_a_pull_waiting_for_a_new_version_is_not_a_stall(start_server, connect):
     assert server.servicer.limits.refused == {}
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason="known hole: gRPC's sync server reads a unary request on a handler thread, "
-                                       "before any of our code runs, so calls that never send it are not limited")
-def test_calls_that_never_send_their_request_message_do_not_starve_health(start_server):
-    """Pull, Status and the other unary-request methods: a stock client can open the call and send nothing.
+SILENT_METHODS = ("/paramhub.v1.ParameterServer/Pull", "/paramhub.v1.ParameterServer/Status",
+                  "/grpc.health.v1.Health/Check")
 
-    The thread waits for the request until the client's deadline or a cancel; the stall
-    guard and the stream limits never see it. When this passes, drop the xfail.
+
+class SilentCalls:
+    """``n`` raw calls of unary-request methods (Pull, Status, health's Check in turn) that never send their request.
+
+    A stock client can do this: a request-streaming call on a unary method, its request iterator never yielding.
+    """
+
+    def __init__(self, address: str, n: int):
+        self._release = threading.Event()
+        self._channel = grpc.insecure_channel(address)
+        self.calls = [self._channel.stream_unary(SILENT_METHODS[i % len(SILENT_METHODS)]).future(
+            self._nothing(), timeout=30) for i in range(n)]
+
+    def _nothing(self):
+        self._release.wait(30)  # never ends on its own within a test
+        return
+        yield
+
+    def ended(self) -> list[grpc.RpcError]:
+        """The calls that have ended (refused or cancelled by the server)."""
+        return [call.exception() for call in self.calls if call.done()]
+
+    def open(self) -> int:
+        return sum(not call.done() for call in self.calls)
+
+    def codes(self) -> collections.Counter:
+        return collections.Counter(e.code() for e in self.ended())
+
+    def close(self) -> None:
+        for call in self.calls:
+            call.cancel()
+        self._release.set()
+        self._channel.close()
+
+
+@pytest.fixture
+def silent_calls():
+    opened = []
+
+    def open_calls(address: str, n: int) -> SilentCalls:
+        calls = SilentCalls(address, n)
+        opened.append(calls)
+        return calls
+
+    yield open_calls
+    for calls in opened:
+        calls.close()
+
+
+def without_the_gate(monkeypatch) -> None:
+    """Deliberately broken: the gate passes every handler through, so grpc reads unary requests itself."""
+    monkeypatch.setattr(RequestGate, "intercept_service", lambda self, continuation, details: continuation(details))
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["with-gate", "without-gate"])
+def test_calls_that_never_send_their_request_message_do_not_starve_health(start_server, silent_calls, monkeypatch,
+                                                                          protected):
+    """16 silent Pull, Status and health calls from one host, on 12 handler threads.
+
+    With the gate, 4 wait (one host's share: half of the 8 threads not kept for calls that have
+    their request) and 12 are refused at once; a health check and a Status from the same host,
+    once those 4 have waited ``OUTWAITED_S``, answer at once (the first takes the place of one
+    of them). The negative control: without it, the calls take every thread and health
+    times out.
     """
     def handler_threads() -> set:
         return {t for t in threading.enumerate() if t.name.startswith("ps-rpc")}
 
+    if not protected:
+        without_the_gate(monkeypatch)
     earlier = handler_threads()  # of servers of earlier tests: grpc leaves their pools alive
-    server = start_server(rpc_threads=12, timeouts=fast_timeouts(stall=60))
-    release = threading.Event()
+    server = start_server(rpc_threads=12, timeouts=fast_timeouts(stall=60, request=20))
+    waits = server.request_waits
+    attack = silent_calls(f"127.0.0.1:{server.port}", 16)
+    if not protected:
+        # the pool starts a thread only when all of its threads are busy: 12 means the calls hold them all
+        wait_for(lambda: len(handler_threads() - earlier) == 12, timeout=10,
+                 what="the calls to take every handler thread")
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as probe:
+            with pytest.raises(grpc.RpcError) as err:
+                health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=QUICK_S)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert attack.open() == 16 and waits.waiting == 0  # nothing of ours ran
+        return
+    wait_for(lambda: waits.waiting == 4 and len(attack.ended()) == 12, what="4 waiting, 12 refused")
+    in_place = time.monotonic()
+    refused = attack.ended()
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12}
+    assert all("waiting for their request message" in e.details() for e in refused)
+    assert {dict(e.trailing_metadata())[PUSHBACK_KEY] for e in refused} == {"1000"}
+    assert waits.refused == {"per_peer": 12}
 
-    def nothing():
-        release.wait(60)
+    wait_for(lambda: time.monotonic() - in_place > OUTWAITED_S, what="the waiting calls to have outwaited")
+    check_s, status_s = health_and_status_seconds(server.port)
+    assert max(check_s, status_s) < QUICK_S, (check_s, status_s)
+    # the health check took the place of one; the Status found a free one (3 of 4 taken)
+    wait_for(lambda: attack.open() == 3, timeout=5, what="a waiting call to give its place")
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12, grpc.StatusCode.CANCELLED: 1}
+    assert waits.cancelled == {"outwaited": 1} and waits.waiting == 3
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) here: cannot make a second peer address")
+def test_another_host_is_served_while_one_host_holds_its_places_until_the_request_timeout(start_server, connect,
+                                                                                      silent_calls):
+    """The attack from 127.0.0.1 keeps its 4 places (no one takes them: the total of 8 is not reached);
+    health, Status and a worker's Join, Heartbeat and Pull from ::1 are served meanwhile; the
+    attack's calls are cancelled once ``--request-timeout`` has passed."""
+    server = start_server(host="localhost", rpc_threads=12, timeouts=fast_timeouts(stall=60, request=2.0))
+    waits = server.request_waits
+    opened = time.monotonic()
+    attack = silent_calls(f"127.0.0.1:{server.port}", 16)
+    wait_for(lambda: waits.waiting == 4 and len(attack.ended()) == 12, what="4 waiting, 12 refused")
+    check_s, status_s = health_and_status_seconds(server.port, host="[::1]")
+    with PSClient(f"[::1]:{server.port}", fast_timeouts()) as client:
+        start = time.monotonic()
+        client.join("w")
+        client.heartbeat()
+        regions = client.info.layout.empty_regions()
+        client.pull(regions)
+        worker_s = time.monotonic() - start
+    torch.testing.assert_close(regions[0], server.store.snapshot().regions[0], rtol=0, atol=0)
+    assert max(check_s, status_s, worker_s) < QUICK_S, (check_s, status_s, worker_s)
+    assert attack.open() == 4 and waits.refused == {"per_peer": 12}  # all the while, and ::1 was never refused
+
+    wait_for(lambda: attack.open() == 0, timeout=10, what="the request timeout to cancel the attack")
+    assert 2.0 <= time.monotonic() - opened < 4.5
+    assert attack.codes() == {grpc.StatusCode.RESOURCE_EXHAUSTED: 12, grpc.StatusCode.CANCELLED: 4}
+    assert waits.cancelled == {"timeout": 4} and waits.waiting == 0
+
+
+def test_a_request_sent_late_but_within_the_request_timeout_is_served(start_server):
+    """The control of the cancel above: a Status whose request comes 0.7 s late (past ``OUTWAITED_S``, under
+    the 1.5 s timeout) is answered; one whose request never comes is cancelled at 1.5 s."""
+    server = start_server(timeouts=fast_timeouts(request=1.5))
+    send, done = threading.Event(), threading.Event()
+
+    def late():
+        send.wait(10)
+        yield pb.StatusRequest()
+
+    def never():
+        done.wait(10)
         return
         yield
 
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        silent_pull = channel.stream_stream("/paramhub.v1.ParameterServer/Pull")
-        calls = [silent_pull(nothing(), timeout=30) for _ in range(12)]
-        try:
-            # the pool starts a thread only when all of its threads are busy: 12 means the calls hold them all
-            wait_for(lambda: len(handler_threads() - earlier) == 12, timeout=10,
-                     what="the calls to take every handler thread")
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as probe:
-                health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=QUICK_S)
-        finally:
-            release.set()
-            for call in calls:
-                call.cancel()
+        status = channel.stream_unary("/paramhub.v1.ParameterServer/Status",
+                                      request_serializer=pb.StatusRequest.SerializeToString,
+                                      response_deserializer=pb.StatusResponse.FromString)
+        start = time.monotonic()
+        silent = status.future(never(), timeout=10)
+        answered = status.future(late(), timeout=10)
+        wait_for(lambda: server.request_waits.waiting == 2, what="both calls waiting")
+        wait_for(lambda: time.monotonic() - start > 0.7, what="0.7 s")
+        send.set()
+        assert answered.result().server_epoch == server.servicer.epoch
+        with pytest.raises(grpc.RpcError) as err:
+            silent.result()
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+        assert 1.5 <= time.monotonic() - start < 3.5
+        done.set()
+    assert server.request_waits.cancelled == {"timeout": 1}
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["with-gate", "without-gate"])
+def test_malformed_and_missing_requests_get_grpcs_own_codes(start_server, monkeypatch, protected):
+    """The gate answers as grpc does: INTERNAL for bytes that do not parse, UNIMPLEMENTED for no request."""
+    if not protected:
+        without_the_gate(monkeypatch)
+    server = start_server()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        as_unary = channel.unary_unary("/paramhub.v1.ParameterServer/Status")
+        as_stream = channel.stream_unary("/paramhub.v1.ParameterServer/Status")
+        with pytest.raises(grpc.RpcError) as garbage:
+            as_unary(b"\xff\xff\xff", timeout=5)
+        with pytest.raises(grpc.RpcError) as missing:
+            as_stream(iter(()), timeout=5)
+        pull_missing = channel.stream_stream("/paramhub.v1.ParameterServer/Pull")(iter(()), timeout=5)
+        assert pull_missing.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert (garbage.value.code(), garbage.value.details()) == (grpc.StatusCode.INTERNAL,
+                                                               "Exception deserializing request!")
+    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "requires exactly one request message" in missing.value.details()  # grpc's own names the method as b'..'
+    assert server.request_waits.waiting == 0
