@@ -13,6 +13,7 @@ interoperates.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import warnings
 from typing import Callable, Iterator
@@ -310,6 +311,25 @@ def finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
+def check_values(values: torch.Tensor, max_abs: float = math.inf) -> None:
+    """Raises ``MalformedMessage`` unless floating ``values`` are finite and at most ``max_abs`` in magnitude.
+
+    Without a bound this is ``finite``'s one summing pass; with one, ``aminmax``
+    (NaN propagates into both extremes, so one pass answers both questions).
+    """
+    if math.isinf(max_abs) or not values.is_floating_point() or not values.numel():
+        if not finite(values):
+            raise MalformedMessage(NOT_FINITE)
+        return
+    low, high = (float(x) for x in torch.aminmax(values))
+    if low >= -max_abs and high <= max_abs:
+        return
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise MalformedMessage(NOT_FINITE)
+    raise MalformedMessage(f"push holds values up to {max(-low, high):.3g} in magnitude, above the server's bound "
+                           f"of {max_abs:.3g} (--max-update-abs); nothing was applied")
+
+
 # Received bytes are viewed as tensors without a copy. torch warns (once) that it
 # cannot mark such a tensor read-only; nothing writes to them: pushes are only read.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
@@ -325,13 +345,15 @@ def _values(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
 class PieceCollector(_ChunksInOrder):
     """A push's receiver: checks a stream of chunks like ``RegionAssembler`` but copies nothing.
 
-    Each chunk becomes a ``Piece`` viewing the received bytes, checked for NaN and
-    infinity while it is still in the cache; the engine later adds the pieces to
-    its sums, so the push's bytes are read once after they arrive.
+    Each chunk becomes a ``Piece`` viewing the received bytes, checked for NaN,
+    infinity and magnitudes above ``max_abs`` while it is still in the cache; the
+    engine later adds the pieces to its sums, so the push's bytes are read once
+    after they arrive.
     """
 
-    def __init__(self, layout: Layout, region_ids: list[int]):
+    def __init__(self, layout: Layout, region_ids: list[int], max_abs: float = math.inf):
         super().__init__(layout, region_ids)
+        self._max_abs = max_abs
         self.pieces: list[Piece] = []
 
     def add(self, chunk: Chunk) -> None:
@@ -339,8 +361,7 @@ class PieceCollector(_ChunksInOrder):
         r, start = self._place(chunk)
         dtype = self._layout.regions[r].dtype
         values = _values(chunk.data, dtype)
-        if not finite(values):
-            raise MalformedMessage(NOT_FINITE)
+        check_values(values, self._max_abs)
         self.pieces.append(Piece(r, values, start // dtype_size(dtype)))
 
 
@@ -366,9 +387,10 @@ class SparseCollector:
     twice) and inside it; each chunk needs as many values as indices.
     """
 
-    def __init__(self, layout: Layout, region_ids: list[int]):
+    def __init__(self, layout: Layout, region_ids: list[int], max_abs: float = math.inf):
         self._layout = layout
         self._allowed = set(region_ids)
+        self._max_abs = max_abs
         self._last: dict[int, int] = {}
         self.pieces: list[Piece] = []
 
@@ -387,8 +409,7 @@ class SparseCollector:
         if int(indices[-1]) >= spec.numel:
             raise MalformedMessage(f"region {spec.name}: sparse index {int(indices[-1])} beyond {spec.numel}")
         values = _values(chunk.data, spec.dtype)
-        if not finite(values):
-            raise MalformedMessage(NOT_FINITE)
+        check_values(values, self._max_abs)
         self.pieces.append(Piece(r, values, indices=indices))
         self._last[r] = int(indices[-1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from paramhub.common.security import Security
 
@@ -11,6 +12,7 @@ UPDATES = ("grad", "avg")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 OUTER_OPTIMIZERS = ("none", "nesterov")
+MAX_UPDATE_ABS = 1e8  # --max-update-abs: the largest magnitude a pushed value may have (ps/screen.py)
 PRECISE_BN_BATCHES = 20  # --precise-bn-batches: batches of training images to recompute BatchNorm statistics on
 
 
@@ -96,6 +98,10 @@ class ServerConfig:
     partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
     topk_ratio: float = 0.0  # workers push only this fraction of each update (top-k, error feedback); 0: dense
     max_threads: int = 32
+    # screening (ps/screen.py): the largest magnitude a pushed value may have, and robust clipping of each
+    # push to clip_factor x the median norm of recent pushes (None: off)
+    max_update_abs: float = MAX_UPDATE_ABS
+    clip_factor: float | None = None
     # pushes received and held at once, each up to the model's wire size (more wait, at most a second)
     concurrent_pushes: int = 1
     # read-only HTTP endpoints on host: Prometheus /metrics and the status page (None: off; 0: a free port)
@@ -105,6 +111,10 @@ class ServerConfig:
     # After the run is done, keep answering this long so workers learn it.
     done_grace_s: float = 5.0
     linger: bool = False  # after the run completes, keep serving the final model until stopped
+    # bounds on the worker registry: records with a live lease (further joins are refused with
+    # RESOURCE_EXHAUSTED), and departed records remembered (older departures are only counted)
+    max_live_workers: int = 1024
+    keep_departed: int = 128
 
     def __post_init__(self):
         """Cross-field checks (ValueError), so every way of building a config gets them."""
@@ -120,6 +130,10 @@ class ServerConfig:
                 raise ValueError("give either a quorum Q or --backup-workers (auto uses N - b), not both")
         if not self.grace_k >= 0:
             raise ValueError(f"grace_k must be >= 0, got {self.grace_k}")
+        if not (self.max_update_abs > 0 and math.isfinite(self.max_update_abs)):
+            raise ValueError(f"max_update_abs must be a finite number > 0, got {self.max_update_abs}")
+        if self.clip_factor is not None and not (self.clip_factor > 0 and math.isfinite(self.clip_factor)):
+            raise ValueError(f"clip_factor must be a finite number > 0, got {self.clip_factor}")
         if self.batch_share and self.mode != "async":
             raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
 

@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from paramhub.common.config import (MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES, SCHEDULES, UPDATES,
+from paramhub.common.config import (MAX_UPDATE_ABS, MODES, OPTIMIZERS, OUTER_OPTIMIZERS, PRECISE_BN_BATCHES, SCHEDULES, UPDATES,
                                     ServerConfig, Timeouts)
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
@@ -105,6 +105,14 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
 @click.option("--concurrent-pushes", default=1, type=click.IntRange(min=1), help="Pushes received and held at once, each up to the model's size on the wire (memory vs. overlap on many-core servers).")
+@click.option("--max-update-abs", default=MAX_UPDATE_ABS, type=click.FloatRange(min=0, min_open=True),
+              help="Refuse a push holding any value above this magnitude (INVALID_ARGUMENT): keeps the server's sums "
+                   "and the model finite whatever a worker sends.")
+@click.option("--clip-factor", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="For untrusted fleets: scale each push down to at most this multiple of the median L2 norm of the "
+                   "last 32 pushes, and count it at most the median sample count (off by default; 3 is a good start).")
+@click.option("--max-live-workers", default=1024, type=click.IntRange(min=1), help="Workers and observers registered with a live lease at once; joins beyond are refused (RESOURCE_EXHAUSTED).")
+@click.option("--keep-departed", default=128, type=click.IntRange(min=0), help="Departed workers (left or lost) remembered and listed by Status; older departures are only counted.")
 @click.option("--pull-wait", default=20.0, type=float, callback=_positive, help="Longest a Pull waits server-side for a new version.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False),
               help="Write the bound port here once listening (for --port 0).")
@@ -170,6 +178,9 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: server.stop())
     server.run_until_done()
+    if server.store.failure:
+        log.error("[server] run failed: %s", server.store.failure)
+        sys.exit(1)
     log.info("[server] stopped at version %d%s", server.store.version,
              f"; final checkpoint {server.last_checkpoint}" if server.last_checkpoint else "")
     sys.exit(0)

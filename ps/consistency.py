@@ -35,6 +35,7 @@ from paramhub.ps.ledger import Ledger, LedgerEntry
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
 from paramhub.ps.rules import UpdateRule, WeightedMean
+from paramhub.ps.screen import all_finite
 from paramhub.ps.store import ParameterStore
 
 log = logging.getLogger("paramhub.ps")
@@ -54,6 +55,7 @@ class StagedPush:
     pieces: list[Piece]  # the update's values, as received (codec.whole_regions for full tensors)
     keeps_base: bool = False  # the worker goes on computing from base_version (it overlaps transfers)
     parked: Callable[[], None] | None = None  # called if it waits for slower workers (frees its admission)
+    clip: float = 1.0  # robust clipping's factor for the PARAM update (screen.NormClip; 1.0 when off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,7 @@ class ConsistencyEngine:
         line's ``version`` and ``share`` are filled in by ``_publish``.
         """
         staleness = self.store.version - push.base_version
-        scale = damping_scale(staleness) if (self.damping if damp is None else damp) else 1.0
+        scale = (damping_scale(staleness) if (self.damping if damp is None else damp) else 1.0) * push.clip
         per_region = [scale if r in self._param_regions else 1.0 for r in range(len(self.store.layout.regions))]
         self._mean.add(push.pieces, float(push.num_samples), per_region)
         self._losses.append(push.loss)
@@ -224,6 +226,8 @@ class ConsistencyEngine:
             regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version, out=averaged[r])
         for r in self._buffer_regions:
             regions[r] = averaged[r]
+        if not self._finite(regions):
+            return self._diverged(snapshot.version)
         new_version = self.store.publish(regions)
         # The next sums take the memory of an old version that no pull reads any more, so a
         # steady run allocates nothing of the model's size per update.
@@ -239,6 +243,29 @@ class ConsistencyEngine:
                      extra={"event": "run_complete", "version": new_version})
             self.store.finish()
         return new_version
+
+    def _finite(self, regions: list) -> bool:
+        """Whether the new weights, buffers and optimizer state are all finite (one pass each)."""
+        state = [t for r in self._param_regions for t in self.store.rule_state.get(r, {}).values()]
+        return all_finite([regions[r] for r in self._param_regions + self._buffer_regions] + state)
+
+    def _diverged(self, version: int) -> int:
+        """The step from ``version`` is not finite: it is not published and the run stops (screen.py, layer 2).
+
+        Pushes are bounded (finite, at most ``--max-update-abs``), so only the
+        configuration can get here: a step that grows the weights each version
+        (lr × weight decay above 2, an outer lr far above 1). Going on would
+        publish inf; the optimizer state may already hold it, so no later
+        checkpoint is written either (``ParameterStore.fail``).
+        """
+        reason = (f"the update to version {version + 1} made the weights or the optimizer state non-finite; it was "
+                  f"not published and the run stops at version {version} (lower --lr, --weight-decay or "
+                  f"--outer-lr; the last checkpoint holds finite weights)")
+        log.error("%s", reason, extra={"event": "run_diverged", "version": version})
+        self._mean.reset(None)
+        self._losses.clear()
+        self.store.fail(reason)
+        return version
 
 
 QUORUM_MODES = ("all", "auto")

@@ -7,7 +7,11 @@ import threading
 import time
 from typing import Callable
 
-from paramhub.ps.errors import FailedPrecondition, NotFound
+from paramhub.ps.errors import FailedPrecondition, NotFound, ResourceExhausted
+from paramhub.ps.identity import MAX_NAME_CHARS, is_plain_name, printable
+
+MAX_LIVE_WORKERS = 1024  # --max-live-workers: records with a live lease at once (trainers and observers)
+KEEP_DEPARTED = 128  # --keep-departed: departed records remembered (the most recent departures)
 
 
 @dataclasses.dataclass
@@ -28,31 +32,62 @@ class WorkerRecord:
     last_sequence: int = 0
     last_reply: object = None  # the reply to last_sequence, returned again for a retry
     joined: bool = True  # False for records restored from a checkpoint until the worker joins again
+    left: bool = False  # this incarnation said Leave: its calls are refused until it joins again
+    departure: int = 0  # orders departures (Leave or lease expiry): the larger, the more recent
+
+
+@dataclasses.dataclass(frozen=True)
+class Roster:
+    """The trainers as Status shows them."""
+
+    live: list[WorkerRecord]  # by id
+    departed: list[WorkerRecord]  # those remembered, the most recent departure first
+    forgotten: int  # departed trainers no longer remembered
 
 
 class WorkerRegistry:
     """Tracks workers; thread-safe.
 
+    Both kinds of record are bounded, so a peer that joins name after name
+    cannot grow the server's memory, its Status reply or its checkpoints:
+    at most ``max_live`` records hold a live lease (further joins are refused),
+    and of the departed ones (left, or silent past the lease) only the
+    ``keep_departed`` most recent are remembered; the rest are forgotten and
+    only counted.
+
     Args:
         lease_timeout: seconds of silence after which a worker is declared lost.
         clock: injectable monotonic clock (tests).
-        on_lost: called with each record whose lease expires.
+        on_lost: called with each trainer record whose lease expires.
+        max_live: records (trainers and observers) with a live lease at once.
+        keep_departed: departed records remembered.
     """
 
     def __init__(self, lease_timeout: float, clock: Callable[[], float] = time.monotonic,
-                 on_lost: Callable[[WorkerRecord], None] | None = None):
+                 on_lost: Callable[[WorkerRecord], None] | None = None, *,
+                 max_live: int = MAX_LIVE_WORKERS, keep_departed: int = KEEP_DEPARTED):
         self.lease_timeout = lease_timeout
+        self.max_live = max_live
+        self.keep_departed = keep_departed
         self._clock = clock
         self._on_lost = on_lost or (lambda record: None)
         self._lock = threading.Lock()
         self._by_id: dict[int, WorkerRecord] = {}
         self._by_name: dict[str, int] = {}
+        self._next_id = 1  # ids are never reused, not even those of forgotten records
+        self._departures = 0
+        self.forgotten_trainers = 0  # departed trainer records no longer remembered
 
     def join(self, name: str, incarnation: int, observer: bool, shard: int) -> WorkerRecord:
         """Registers a worker; the same name keeps its id across incarnations.
 
         A join repeated with the same incarnation returns the same record (retry);
         a newer incarnation replaces the old one, whose pushes are refused from then on.
+        Either admits a worker that left again.
+
+        Raises:
+            FailedPrecondition: an incarnation older than the one registered.
+            ResourceExhausted: ``max_live`` other records hold a live lease.
         """
         with self._lock:
             now = self._clock()
@@ -61,23 +96,69 @@ class WorkerRegistry:
                 if incarnation < existing.incarnation:
                     raise FailedPrecondition(
                         f"worker {name!r} incarnation {incarnation} is older than the live {existing.incarnation}")
+                if not existing.alive:
+                    self._check_room()
                 if incarnation > existing.incarnation:
                     existing.incarnation = incarnation
                     existing.last_sequence = 0
                     existing.last_reply = None
                 existing.alive = existing.joined = True
+                existing.left = False
                 existing.last_seen = now
                 existing.shard = shard
                 return dataclasses.replace(existing)
-            worker_id = max(self._by_id, default=0) + 1
+            self._check_room()
+            worker_id = self._next_id
+            self._next_id += 1
             record = WorkerRecord(worker_id, name or f"worker-{worker_id}", incarnation, observer, shard, now)
             self._by_id[worker_id] = record
             if name:
                 self._by_name[name] = worker_id
             return dataclasses.replace(record)
 
+    def _check_room(self) -> None:
+        """Raises ResourceExhausted when one more live record would pass ``max_live`` (lock held)."""
+        live = sum(1 for r in self._by_id.values() if r.alive)
+        if live >= self.max_live:
+            raise ResourceExhausted(
+                f"{live} workers hold a live lease, the most this server registers (--max-live-workers); "
+                "retry once one has left")
+
     def get(self, worker_id: int, incarnation: int) -> WorkerRecord:
         """The live record (not a copy) for a call from (worker_id, incarnation); renews the lease.
+
+        A worker whose lease merely expired is alive again (it was slow, not gone);
+        one that said Leave must join again.
+
+        Raises:
+            NotFound: unknown id.
+            FailedPrecondition: an old incarnation, or one that left.
+        """
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is None or not record.joined:
+                raise NotFound(f"unknown worker id {worker_id} (the server may have restarted); join again")
+            if incarnation != record.incarnation:
+                raise FailedPrecondition(
+                    f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
+            if record.left:
+                raise FailedPrecondition(f"worker {record.name} incarnation {incarnation} left; join again")
+            record.last_seen = self._clock()
+            record.alive = True
+            return record
+
+    def touch(self, worker_id: int) -> None:
+        """Renews a joined worker's lease if it is known; silently ignores unknown ids and those that left."""
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is not None and record.joined and not record.left:
+                record.last_seen = self._clock()
+                record.alive = True
+
+    def leave(self, worker_id: int, incarnation: int) -> WorkerRecord:
+        """Ends a worker's lease now, for good: its later calls are refused until it joins again.
+
+        A repeated Leave is answered like the first. Returns a copy of the record.
 
         Raises:
             NotFound: unknown id.
@@ -90,37 +171,50 @@ class WorkerRegistry:
             if incarnation != record.incarnation:
                 raise FailedPrecondition(
                     f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
-            record.last_seen = self._clock()
-            if not record.alive:
-                record.alive = True
-            return record
-
-    def touch(self, worker_id: int) -> None:
-        """Renews a joined worker's lease if it is known; silently ignores unknown ids."""
-        with self._lock:
-            record = self._by_id.get(worker_id)
-            if record is not None and record.joined:
-                record.last_seen = self._clock()
-                record.alive = True
-
-    def leave(self, worker_id: int, incarnation: int) -> None:
-        """Ends a worker's lease now."""
-        record = self.get(worker_id, incarnation)
-        with self._lock:
-            record.alive = False
+            if not record.left:
+                record.left = True
+                self._depart(record)
+            copy = dataclasses.replace(record)
+            self._forget_departed()
+            return copy
 
     def expire(self) -> list[WorkerRecord]:
-        """Declares silent workers lost; returns the newly lost ones."""
+        """Declares silent workers lost; returns the newly lost trainers.
+
+        Observers' leases expire silently (they are not waited for): it only
+        frees their place under ``max_live``.
+        """
         lost = []
         with self._lock:
             now = self._clock()
             for record in self._by_id.values():
-                if record.alive and not record.observer and now - record.last_seen > self.lease_timeout:
-                    record.alive = False
-                    lost.append(record)
+                if record.alive and now - record.last_seen > self.lease_timeout:
+                    self._depart(record)
+                    if not record.observer:
+                        lost.append(record)
+            self._forget_departed()
         for record in lost:
             self._on_lost(record)
         return lost
+
+    def _depart(self, record: WorkerRecord) -> None:
+        """Marks a record departed, as the most recent departure (lock held)."""
+        self._departures += 1
+        record.alive = False
+        record.departure = self._departures
+
+    def _forget_departed(self) -> None:
+        """Drops the oldest departed records beyond ``keep_departed`` (lock held)."""
+        departed = [r for r in self._by_id.values() if not r.alive]
+        if len(departed) <= self.keep_departed:
+            return
+        departed.sort(key=lambda r: r.departure)
+        for record in departed[:len(departed) - self.keep_departed]:
+            del self._by_id[record.worker_id]
+            if self._by_name.get(record.name) == record.worker_id:
+                del self._by_name[record.name]
+            if not record.observer:
+                self.forgotten_trainers += 1
 
     def trainer(self, worker_id: int) -> WorkerRecord:
         """A copy of a non-observer record; KeyError if unknown or an observer."""
@@ -136,9 +230,18 @@ class WorkerRegistry:
             return [dataclasses.replace(r) for r in self._by_id.values() if not r.observer]
 
     def lost_trainers(self) -> int:
-        """How many joined trainers are not alive (lease expired or left)."""
+        """How many joined trainers are not alive (lease expired or left), forgotten ones included."""
         with self._lock:
-            return sum(1 for r in self._by_id.values() if not r.observer and not r.alive)
+            return self.forgotten_trainers + sum(1 for r in self._by_id.values() if not r.observer and not r.alive)
+
+    def roster(self) -> Roster:
+        """The trainers for a Status reply, in one consistent cut."""
+        with self._lock:
+            trainers = [dataclasses.replace(r) for r in self._by_id.values() if not r.observer]
+            forgotten = self.forgotten_trainers
+        return Roster(live=sorted((r for r in trainers if r.alive), key=lambda r: r.worker_id),
+                      departed=sorted((r for r in trainers if not r.alive), key=lambda r: r.departure, reverse=True),
+                      forgotten=forgotten)
 
     def export(self) -> list[dict]:
         """Per-worker progress for a checkpoint (JSON-serialisable)."""
@@ -148,23 +251,28 @@ class WorkerRegistry:
                      "pushes_dropped": r.pushes_dropped, "last_base_version": r.last_base_version}
                     for r in self._by_id.values()]
 
-    def restore(self, records: list[dict]) -> None:
+    def restore(self, records: list[dict], first_free_id: int = 1) -> None:
         """Reloads exported progress after a restart: same ids for the same names.
 
         Restored workers count as alive (their lease starts now, so one that never
         comes back is declared lost after the lease timeout) but must join again
         before any other call: their old sessions ended with the old process.
+        New workers get ids from ``first_free_id`` up (or above the restored ones),
+        so no id of the old process, remembered or forgotten, is given out again.
         """
         with self._lock:
             now = self._clock()
             for item in records:
-                record = WorkerRecord(item["worker_id"], item["name"], item["incarnation"], item["observer"],
+                # a checkpoint of an older server may hold any name: keep it printable (it goes into logs)
+                name = item["name"] if is_plain_name(item["name"]) else printable(item["name"], MAX_NAME_CHARS)
+                record = WorkerRecord(item["worker_id"], name, item["incarnation"], item["observer"],
                                       item["shard"], now, alive=not item["observer"], joined=False,
                                       pushes_accepted=item["pushes_accepted"],
                                       pushes_dropped=item["pushes_dropped"],
                                       last_base_version=item["last_base_version"])
                 self._by_id[record.worker_id] = record
                 self._by_name[record.name] = record.worker_id
+            self._next_id = max([self._next_id, first_free_id] + [worker_id + 1 for worker_id in self._by_id])
 
     def seconds_since_seen(self, record: WorkerRecord) -> float:
         """Age of the worker's last contact."""

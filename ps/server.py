@@ -21,17 +21,19 @@ from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
 from paramhub.common.config import ServerConfig
-from paramhub.common.layout import DTYPE_TO_WIRE, Layout, LayoutError, partition_names
+from paramhub.common.layout import DTYPE_TO_WIRE, PARAM, Layout, LayoutError, partition_names
 from paramhub.common.models import InitialState, initial_state
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import recheck_threads, release_free_memory
 from paramhub.common.security import check_listen_address
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.grace import GraceWindow
+from paramhub.ps.identity import printable
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
+from paramhub.ps.screen import NormClip, UpdateScreen, all_finite
 from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
 from paramhub.ps.status_page import StatusPage, run_status
 from paramhub.ps.store import ParameterStore
@@ -152,18 +154,26 @@ class PSServer:
         self.frozen_regions = self.frozen_layout.flatten(state) if frozen else []
         resumed = self._resume() if config.resume else None
         self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(state))
+        if not all_finite(self.store.snapshot().regions):
+            raise RuntimeError("the initial weights hold NaN or infinite values (--init-from?): nothing to train")
         del initial, state
         release_free_memory()  # the initial tensors: freed, but resident while the allocator keeps them
         self.registry = WorkerRegistry(
             config.timeouts.lease,
             on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
-                                          r.name, r.worker_id, config.timeouts.lease,
+                                          printable(r.name), r.worker_id, config.timeouts.lease,
                                           extra={"event": "worker_lost", "worker": r.name, "worker_id": r.worker_id,
-                                                 "lease_s": config.timeouts.lease}))
+                                                 "lease_s": config.timeouts.lease}),
+            max_live=config.max_live_workers, keep_departed=config.keep_departed)
         self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry)
         if resumed:
             self.engine.ledger = Ledger.from_tensors(resumed.server_state)
-            self.registry.restore(resumed.workers)
+            # ids of workers the old process forgot still hold ledger entries: never hand them out again
+            self.registry.restore(resumed.workers,
+                                  first_free_id=max(self.engine.ledger.applied_per_worker, default=0) + 1)
+            if config.max_steps is not None and self.store.version >= config.max_steps:
+                self.store.finish()  # a finished run stays finished: no worker will push again
+        self.finished_at_start = self.store.done
         self.servicer = ParameterServerServicer(
             self.engine,
             pb.ModelSpec(arch=config.model, num_classes=config.num_classes),
@@ -184,6 +194,8 @@ class PSServer:
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
             stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
             concurrent_pushes=config.concurrent_pushes,
+            screen=UpdateScreen(self.layout.region_indices(PARAM), max_abs=config.max_update_abs,
+                                clip=NormClip(config.clip_factor) if config.clip_factor else None),
         )
         self._health = health.HealthServicer()
         self._grpc = grpc.server(
@@ -237,6 +249,8 @@ class PSServer:
                 if meta.get("layout_hash") != self.layout.hash:
                     raise checkpoint.CheckpointError(f"{path} holds a different model ({meta.get('model')})")
                 regions = self.layout.flatten(model_state)
+                if not all_finite([*regions, *server_state.values()]):
+                    raise checkpoint.CheckpointError(f"{path} holds NaN or infinite values")
                 if self.frozen_layout is not None:
                     self.frozen_regions = self.frozen_layout.flatten(model_state)
             except (checkpoint.CheckpointError, LayoutError) as exc:
@@ -313,6 +327,9 @@ class PSServer:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
             return None
+        if self.store.failure:  # the optimizer state may hold inf (screen.py, layer 2): keep the last good one
+            log.error("no checkpoint written: %s", self.store.failure)
+            return None
         with contextlib.ExitStack() as stack:
             with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
                 snap = stack.enter_context(self.store.reading())  # the weights stay untouched until written
@@ -339,11 +356,16 @@ class PSServer:
         status, health) until ``stop()``. Stopped (SIGTERM): new pushes are refused with UNAVAILABLE, those in
         flight finish, and the workers are *not* told the run is done, so they
         retry and carry on with the restarted server (``--resume``). Both end
-        with a final checkpoint.
+        with a final checkpoint. A resumed run that was already complete ends at
+        once (or lingers): nothing is left to train, and no worker is waited for.
         """
         seen = last_checkpoint = self.store.version
         every = self.config.checkpoint_every
-        while not self._stop.is_set():
+        if self.finished_at_start:
+            log.info("run already complete: resumed at version %d, --max-steps %d; %s", seen, self.config.max_steps,
+                     "serving the final model until stopped (--linger)" if self.config.linger else "exiting",
+                     extra={"event": "run_already_complete", "version": seen})
+        while not self.finished_at_start and not self._stop.is_set():
             snap = self.store.wait_changed(seen, timeout=0.2)
             seen = snap.version
             recheck_threads()  # ps-server's auto thread count follows the workers started beside it
@@ -360,12 +382,14 @@ class PSServer:
             # Pushes still arriving get a "done" reply (not UNAVAILABLE), so their workers stop cleanly.
             if not self.config.linger:
                 self._set_serving(False)
-            self.checkpoint()
-            self._drain()
+            if not self.finished_at_start:  # else the checkpoint resumed from holds this version already
+                self.checkpoint()
+                self._drain()
             if self.config.linger:
-                log.info("run complete at version %d: serving the final model until stopped (--linger)",
-                         self.store.version)
-                self._stop.wait()
+                if not self.finished_at_start:
+                    log.info("run complete at version %d: serving the final model until stopped (--linger)",
+                             self.store.version)
+                self._stop.wait()  # linger: until SIGTERM, by design
                 self._set_serving(False)
             self.shutdown()
         else:
@@ -382,10 +406,12 @@ class PSServer:
         A live worker in the middle of a slow step learns it with its next push, so
         the wait lasts until every worker left or its lease expired (a dead one stops
         heartbeating), and never longer than the lease timeout plus the grace period.
+        Only workers that joined this process are waited for: one restored from the
+        checkpoint counts as alive until its lease expires, but it may never come back.
         """
         deadline = time.monotonic() + self.config.done_grace_s + self.config.timeouts.lease
         while time.monotonic() < deadline:
-            if not any(r.alive for r in self.registry.trainers()):
+            if not any(r.alive and r.joined for r in self.registry.trainers()):
                 return
             time.sleep(0.05)
 

@@ -25,9 +25,11 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.admission import PushAdmission
 from paramhub.ps.consistency import ConsistencyEngine, StagedPush
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
+from paramhub.ps.identity import check_join, printable
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.pull_cache import PullCache
+from paramhub.ps.screen import MAX_SAMPLES_PER_PUSH, UpdateScreen
 
 log = logging.getLogger("paramhub.ps")
 SERVICE = "paramhub.v1.ParameterServer"
@@ -101,12 +103,14 @@ class ParameterServerServicer:
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
         concurrent_pushes: pushes received and held at once (each up to the wire layout's size).
+        screen: what a push's values may be and how it counts (default: bounded values, no clipping).
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1):
+                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1,
+                 screen: UpdateScreen | None = None):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -131,6 +135,7 @@ class ParameterServerServicer:
         self.wire_layout = self.layout.on_wire(wire_dtype)
         self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)  # concurrent pulls share one encoding
         self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
+        self.screen = screen or UpdateScreen(self._param_regions)
 
     # -- unary RPCs -----------------------------------------------------------------
 
@@ -138,9 +143,10 @@ class ParameterServerServicer:
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         if not self.accepting:
             raise Unavailable("server is shutting down")
+        check_join(request.worker_name, request.shard)
         record = self.registry.join(request.worker_name, request.incarnation, request.observer, request.shard)
         log.info("%s %s joined (id %d, incarnation %d, shard %d)", "observer" if record.observer else "worker",
-                 record.name, record.worker_id, record.incarnation, record.shard)
+                 printable(record.name), record.worker_id, record.incarnation, record.shard)
         return pb.JoinResponse(
             worker_id=record.worker_id, model=self.model_spec, layout=self._layout_proto,
             version=self.store.version, run=self.run_spec, server_epoch=self.epoch,
@@ -155,8 +161,8 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
-        self.registry.leave(request.worker_id, request.incarnation)
-        log.info("worker %d left", request.worker_id)
+        record = self.registry.leave(request.worker_id, request.incarnation)
+        log.info("worker %s (id %d) left", printable(record.name), record.worker_id)
         return pb.LeaveResponse()
 
     @_abort_on_error
@@ -165,22 +171,26 @@ class ParameterServerServicer:
         with self.store.lock:
             histogram = dict(self.engine.ledger.staleness_histogram)
             applied = dict(self.engine.ledger.applied_per_worker)
+        roster = self.registry.roster()
         workers = [
             pb.WorkerStatus(
                 worker_id=r.worker_id, worker_name=r.name, incarnation=r.incarnation,
                 pushes_accepted=r.pushes_accepted, pushes_dropped=r.pushes_dropped,
                 last_base_version=r.last_base_version, seconds_since_seen=self.registry.seconds_since_seen(r),
-                alive=r.alive, last_loss=r.last_loss, updates_applied=applied.get(r.worker_id, 0),
+                alive=r.alive, last_loss=r.last_loss, updates_applied=applied.get(r.worker_id, 0), left=r.left,
             )
-            for r in self.registry.trainers()
+            for r in roster.live + roster.departed
         ]
+        listed = fit_in_message(workers, self.chunk_bytes // 2)  # the rest of the reply is a few KB at most
         return pb.StatusResponse(
             version=snap.version, mode=self.run_spec.mode, update=self.run_spec.update, done=snap.done,
-            workers=workers, round_pushes=self.engine.round_pushes,
+            workers=workers[:listed], round_pushes=self.engine.round_pushes,
             pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=self.engine.last_loss,
             staleness_histogram=[pb.StalenessCount(staleness=k, count=v) for k, v in sorted(histogram.items())],
             max_staleness=max(histogram, default=0), staleness_bound=self.run_spec.staleness_bound,
             pushes_applied=sum(histogram.values()),
+            live_workers=len(roster.live), departed_workers=len(roster.departed) + roster.forgotten,
+            workers_not_listed=len(workers) - listed + roster.forgotten,
         )
 
     # -- streaming RPCs -------------------------------------------------------------
@@ -217,7 +227,7 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Push(self, messages: Iterator[object], context) -> pb.PushResponse:
-        guard = StallGuard(context, self.stall_s, f"push from {context.peer()}")
+        guard = StallGuard(context, self.stall_s, f"push from {printable(context.peer())}")
         try:
             return self._push(self._guarded(messages, guard))
         except (PSError, codec.MalformedMessage, LayoutError) as exc:
@@ -225,7 +235,7 @@ class ParameterServerServicer:
                 self.pushes_rejected += 1
             code = exc.code if isinstance(exc, PSError) else grpc.StatusCode.INVALID_ARGUMENT  # as _abort_on_error
             self.metrics.push_rejected(code.name)
-            log.warning("rejected push: %s", exc)
+            log.warning("rejected push: %s", printable(exc))
             raise
         finally:
             guard.close()
@@ -250,6 +260,8 @@ class ParameterServerServicer:
         if not self.accepting:
             raise Unavailable("server is shutting down; retry against the restarted server")
         record = self.registry.get(header.worker_id, header.incarnation)
+        if record.observer:
+            raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
         self._check_header(header)
         if header.sequence == record.last_sequence and record.last_reply is not None:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
@@ -266,8 +278,10 @@ class ParameterServerServicer:
         # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
         # The push is kept as views of the received messages, checked as they arrive.
         sparse_ids = self._param_regions if header.sparse else []
-        sparse = codec.SparseCollector(self.wire_layout, sparse_ids)
-        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids])
+        bound = self.screen.max_abs
+        sparse = codec.SparseCollector(self.wire_layout, sparse_ids, max_abs=bound)
+        assembler = codec.PieceCollector(self.wire_layout, [r for r in self._all_regions if r not in sparse_ids],
+                                         max_abs=bound)
         try:
             for message in messages:
                 if isinstance(message, Exception):
@@ -278,18 +292,19 @@ class ParameterServerServicer:
                 self.metrics.bytes_received(len(message.data))
         except grpc.RpcError:
             # The client went away (crash, cancel, deadline) in the middle of the stream.
-            log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, record.name)
+            log.warning("push %d of %s abandoned midway: nothing applied", header.sequence, printable(record.name))
             raise
         assembler.finish()
         if header.dry_run:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
                                    next_version=snap.version, done=snap.done, server_epoch=self.epoch)
+        pieces = assembler.pieces + sparse.pieces
+        weighing = self.screen.weigh(pieces, header.num_samples)
         result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
-            base_version=header.base_version, kind=header.kind, num_samples=header.num_samples,
-            loss=header.loss, pieces=assembler.pieces + sparse.pieces, keeps_base=header.keeps_base,
-            parked=parked,
+            base_version=header.base_version, kind=header.kind, num_samples=weighing.num_samples,
+            loss=header.loss, pieces=pieces, keeps_base=header.keeps_base, parked=parked, clip=weighing.clip,
         ))
         return self._response(result)
 
@@ -300,8 +315,8 @@ class ParameterServerServicer:
             raise FailedPrecondition(
                 f"push kind {pb.PushKind.Name(header.kind) if header.kind in pb.PushKind.values() else header.kind}"
                 f" does not match this run's update ({self.run_spec.update})")
-        if header.num_samples < 1:
-            raise InvalidArgument("num_samples must be at least 1")
+        if not 1 <= header.num_samples <= MAX_SAMPLES_PER_PUSH:
+            raise InvalidArgument(f"num_samples must be from 1 to {MAX_SAMPLES_PER_PUSH}, got {header.num_samples}")
         if not math.isfinite(header.loss):
             raise InvalidArgument("reported loss is NaN or infinite")
         if header.sequence < 1:
@@ -310,6 +325,20 @@ class ParameterServerServicer:
     def _response(self, result) -> pb.PushResponse:
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
                                done=result.done, server_epoch=self.epoch, base_kept=result.base_kept)
+
+
+def fit_in_message(workers: list[pb.WorkerStatus], budget_bytes: int) -> int:
+    """How many of ``workers`` (from the first) a Status reply lists within ``budget_bytes``.
+
+    The registry bounds how many records there are; this bounds their bytes
+    whatever the chunk size, so Status always fits in one message.
+    """
+    used = 0
+    for count, worker in enumerate(workers):
+        used += worker.ByteSize() + 4  # the field's tag and length
+        if used > budget_bytes:
+            return count
+    return len(workers)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

@@ -40,10 +40,12 @@ def run_status(server) -> dict:
     last_staleness = metrics.staleness_by_worker()
     losses, evaluations = metrics.history()
     workers = []
-    for r in server.registry.trainers():
+    roster = server.registry.roster()  # bounded: live ones, then the most recent departures
+    for r in roster.live + roster.departed:
         push_rate, sample_rate = rates.get(r.worker_id, (0.0, 0.0))
         workers.append({
-            "id": r.worker_id, "name": r.name, "shard": r.shard, "state": "alive" if r.alive else "lost",
+            "id": r.worker_id, "name": r.name, "shard": r.shard,
+            "state": "alive" if r.alive else "left" if r.left else "lost",
             "last_base_version": r.last_base_version, "staleness": last_staleness.get(r.worker_id),
             "applied": applied.get(r.worker_id, 0), "accepted": r.pushes_accepted, "dropped": r.pushes_dropped,
             "seconds_since_seen": round(server.registry.seconds_since_seen(r), 3),
@@ -68,6 +70,8 @@ def run_status(server) -> dict:
         "last_loss": _finite(server.engine.last_loss),
         "staleness_histogram": [[staleness, count] for staleness, count in sorted(histogram.items())],
         "workers": workers,
+        "departed_workers": len(roster.departed) + roster.forgotten,
+        "workers_not_listed": roster.forgotten,  # departures older than the --keep-departed remembered
         # columns, not rows: 2000 points poll every second
         "loss_history": {"version": [v for v, _, _ in losses], "time": [t for _, t, _ in losses],
                          "loss": [_finite(loss) for _, _, loss in losses]},
@@ -161,6 +165,7 @@ PAGE = """<!doctype html>
   th { color: var(--muted); font-weight: 500; font-size: 12px; }
   .alive { color: var(--good); font-weight: 600; }
   .lost { color: var(--bad); font-weight: 600; }
+  .left { color: var(--muted); }
   .plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(380px, 1fr)); gap: 16px; }
   .plots section.panel { margin-bottom: 0; }
   svg { width: 100%; height: auto; display: block; }
@@ -197,6 +202,7 @@ PAGE = """<!doctype html>
       <th>dropped</th><th>pushes/s</th><th>last loss</th><th>seen</th></tr></thead>
     <tbody></tbody>
   </table>
+  <p id="not-listed"></p>
 </section>
 <div class="plots">
   <section class="panel"><h2>Training loss vs version</h2><svg id="loss-plot" viewBox="0 0 480 240"></svg></section>
@@ -324,6 +330,8 @@ function render(s) {
   const top1 = s.accuracy_history.top1;
   document.getElementById("top1").textContent = top1.length ? num(top1[top1.length - 1], 3) : "\\u2013";
   workersTable(s.workers);
+  document.getElementById("not-listed").textContent = s.workers_not_listed
+    ? `${s.workers_not_listed} older departed worker${s.workers_not_listed === 1 ? "" : "s"} not listed` : "";
   linePlot(document.getElementById("loss-plot"), s.loss_history.version, s.loss_history.loss, null, null,
            "version", "no update applied yet");
   linePlot(document.getElementById("accuracy-plot"), s.accuracy_history.version, top1, 0, 1,

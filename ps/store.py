@@ -48,6 +48,7 @@ class ParameterStore:
         self._version = version
         self._done = False
         self._interrupted = False  # shutting down: waits return at once
+        self.failure: str | None = None  # why the run failed (``fail``); None while it has not
         # Optimizer tensors per PARAM region index: {region: {"momentum_buffer": tensor}}.
         self.rule_state: dict[int, dict[str, torch.Tensor]] = {r: dict(s) for r, s in (rule_state or {}).items()}
         self._changed = threading.Condition()
@@ -123,6 +124,13 @@ class ParameterStore:
     def finish(self) -> None:
         """Marks the run done and wakes every waiter."""
         with self._changed:
+            self._done = True
+            self._changed.notify_all()
+
+    def fail(self, reason: str) -> None:
+        """Ends the run as failed (``failure`` says why): done, and no checkpoint of its state is written."""
+        with self._changed:
+            self.failure = reason
             self._done = True
             self._changed.notify_all()
 

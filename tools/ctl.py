@@ -216,9 +216,13 @@ def status_table(status: pb.StatusResponse) -> str:
              f"waiting for the next update {status.round_pushes}; last loss {status.last_loss:.4f}", "",
              f"{'id':>3} {'name':<20} {'state':<6} {'applied':>8} {'dropped':>8} {'base':>7} {'loss':>8} {'seen':>7}"]
     for w in status.workers:
-        lines.append(f"{w.worker_id:>3} {w.worker_name[:20]:<20} {'alive' if w.alive else 'lost':<6} "
+        state = "alive" if w.alive else "left" if w.left else "lost"
+        lines.append(f"{w.worker_id:>3} {w.worker_name[:20]:<20} {state:<6} "
                      f"{w.updates_applied:>8} {w.pushes_dropped:>8} {w.last_base_version:>7} {w.last_loss:>8.4f} "
                      f"{w.seconds_since_seen:>6.1f}s")
+    lines.append(f"{status.live_workers} live, {status.departed_workers} departed"
+                 + (f"; {status.workers_not_listed} not listed (the oldest departures)"
+                    if status.workers_not_listed else ""))
     if status.staleness_histogram:
         lines += ["", "staleness  pushes"] + [f"{h.staleness:>9}  {h.count}" for h in status.staleness_histogram]
     return "\n".join(lines)

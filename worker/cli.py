@@ -107,7 +107,7 @@ def _launcher_server(env) -> str | None:
               help="Async mode: push and prefetch the next pull while the next step computes, on weights one "
                    "exchange old.  [default: on when training on a GPU, off on the CPU]")
 @click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
-@click.option("--name", default="", help="Stable worker name (default shard-<i>).")
+@click.option("--name", default="", help="Stable worker name (default shard-<i>): ASCII letters, digits and . _ - : @, at most 128.")
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
 @click.option("--log-every", default=10, type=click.IntRange(min=0), help="Log the loss every N steps (0: never).")

@@ -286,7 +286,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "worker_name", "incarnation", "pushes_accepted", "pushes_dropped", "last_base_version", "seconds_since_seen", "alive", "last_loss", "updates_applied")
+    __slots__ = ("worker_id", "worker_name", "incarnation", "pushes_accepted", "pushes_dropped", "last_base_version", "seconds_since_seen", "alive", "last_loss", "updates_applied", "left")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +297,7 @@ class WorkerStatus(_message.Message):
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     worker_name: str
     incarnation: int
@@ -307,7 +308,8 @@ class WorkerStatus(_message.Message):
     alive: bool
     last_loss: float
     updates_applied: int
-    def __init__(self, worker_id: _Optional[int] = ..., worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., pushes_dropped: _Optional[int] = ..., last_base_version: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., last_loss: _Optional[float] = ..., updates_applied: _Optional[int] = ...) -> None: ...
+    left: bool
+    def __init__(self, worker_id: _Optional[int] = ..., worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., pushes_dropped: _Optional[int] = ..., last_base_version: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., alive: _Optional[bool] = ..., last_loss: _Optional[float] = ..., updates_applied: _Optional[int] = ..., left: _Optional[bool] = ...) -> None: ...
 
 class StalenessCount(_message.Message):
     __slots__ = ("staleness", "count")
@@ -318,7 +320,7 @@ class StalenessCount(_message.Message):
     def __init__(self, staleness: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied")
+    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied", "live_workers", "departed_workers", "workers_not_listed")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +334,9 @@ class StatusResponse(_message.Message):
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_BOUND_FIELD_NUMBER: _ClassVar[int]
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DEPARTED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_NOT_LISTED_FIELD_NUMBER: _ClassVar[int]
     version: int
     mode: str
     update: str
@@ -345,4 +350,7 @@ class StatusResponse(_message.Message):
     max_staleness: int
     staleness_bound: int
     pushes_applied: int
-    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ...) -> None: ...
+    live_workers: int
+    departed_workers: int
+    workers_not_listed: int
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., live_workers: _Optional[int] = ..., departed_workers: _Optional[int] = ..., workers_not_listed: _Optional[int] = ...) -> None: ...

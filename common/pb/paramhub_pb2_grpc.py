@@ -72,39 +72,77 @@ class ParameterServerServicer:
     """
 
     def Join(self, request, context):
-        """Registers a worker (or an observer) and returns the model and its layout.
-        Idempotent for the same (worker_name, incarnation): safe to retry.
+        """Registers a worker (or an observer) and returns what to build, the layout
+        and the run's settings (no weights: Pull them). A Join with a non-empty
+        worker_name already known to the server keeps its worker_id: with the same
+        incarnation it returns the same record (idempotent: safe to retry); with a
+        larger incarnation it replaces the old one (whose calls then get
+        FAILED_PRECONDITION) and forgets its push sequence. An empty worker_name is
+        anonymous: every Join gets a new worker_id, so a retry registers another
+        worker (harmless for observers, which nobody waits for).
+        Codes: FAILED_PRECONDITION (incarnation smaller than the live one for that
+        name), UNAVAILABLE (shutting down). Retry on UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Streams the global model: one PullHeader, then TensorChunks covering every
-        region in order. Read-only: safe to retry.
+        """Streams the global model: first one PullHeader, then, unless the stream is
+        header only (see PullHeader.version), TensorChunks covering every region of
+        the layout by the chunk rules (top of paramhub.proto), in the wire dtype.
+        A client checks the coverage itself: a stream that ends early was cut off
+        and must be pulled again. Read-only but for the lease and the SSP
+        accounting (a pull tells the server the version the worker computes from;
+        pulling the same version again changes nothing): safe to retry.
+        Codes: FAILED_PRECONDITION (layout_hash differs: Join again; frozen asked
+        but the run has none).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request_iterator, context):
-        """Sends one update: one PushHeader, then TensorChunks covering every region the
-        update kind needs. Deduplicated by (worker_id, incarnation, sequence): a retry
-        with the same triple is applied at most once and gets the same reply.
+        """Sends one update: first one PushHeader, then TensorChunks (see PushHeader
+        for which regions, dense or sparse). The server validates the whole stream
+        before anything is applied: a refused push changes nothing.
+        Deduplicated by (worker_id, incarnation, sequence), remembering only the
+        worker's last sequence: a push with that sequence whose reply is known gets
+        that reply again (its chunks are read but not checked or applied); one
+        whose original is still being handled waits (up to max_push_wait_s) for
+        the original's reply, or gets UNAVAILABLE when the original failed or is
+        still in progress; an older sequence gets FAILED_PRECONDITION. A push
+        refused with an error status is not remembered: the same sequence may be
+        sent again. So a retry with the same header and chunks is applied at most
+        once; retry on UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED.
+        Codes: INVALID_ARGUMENT (no header first, a second header, a chunk breaking
+        the chunk or sparse rules, an incomplete stream, NaN/Inf values or values
+        above the server's --max-update-abs, num_samples 0 or above 2^24,
+        non-finite loss, sequence 0), FAILED_PRECONDITION
+        (layout_hash differs, kind not this run's, incarnation replaced, sequence
+        older than the last, base_version newer than the server's version, sync:
+        this worker already pushed for the current round), NOT_FOUND (unknown
+        worker_id: Join again), RESOURCE_EXHAUSTED (a message over the limit),
+        UNAVAILABLE (shutting down; a duplicate whose original is in progress or
+        failed), CANCELLED (the stream stalled).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Renews the worker's lease. Safe to retry.
+        """Renews the worker's lease (and revives a lost worker). Safe to retry.
+        Codes: NOT_FOUND (unknown worker_id: Join again), FAILED_PRECONDITION
+        (incarnation replaced).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Leave(self, request, context):
-        """Announces that a worker stops; its lease ends at once. Safe to retry.
+        """Announces that a worker stops; its lease ends at once (a sync round stops
+        waiting for it). A later call of the same worker revives it. Safe to retry.
+        Codes: NOT_FOUND, FAILED_PRECONDITION, as Heartbeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
