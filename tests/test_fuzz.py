@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -27,7 +28,7 @@ from paramhub.common.layout import dtype_size
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.screen import MAX_SAMPLES_PER_PUSH
 from paramhub.ps.server import PSServer
-from paramhub.worker.client import PSClient
+from paramhub.worker.client import JoinInfo, PSClient
 
 pytestmark = pytest.mark.timeout(240)
 # The documented refusals (proto/paramhub.proto, DESIGN.md "The wire"); anything else is a bug.
@@ -158,8 +159,8 @@ class Run:
     """One server under fuzzing, and what a client knows of it."""
 
     server: PSServer
-    call: object
-    info: object
+    call: Callable  # the Push method of a plain channel: takes an iterator of serialized messages
+    info: JoinInfo
     wire_dtype: torch.dtype
     topk_ratio: float
     last_sequence: int = 0  # of the last push the engine handled (applied or dropped)
@@ -201,7 +202,7 @@ def valid_push(run: Run, seed: int) -> Push:
                            num_samples=8, loss=1.25, sparse=sparse)
     gen = torch.Generator().manual_seed(seed)
     update = (torch.randn(run.numel, generator=gen) * 0.01).to(run.wire_dtype)
-    if sparse:  # top-k as worker/compression.py sends it: increasing indices, the values at them
+    if sparse:  # as top-k sends it (worker/compression.py): increasing indices, one value each
         indices = torch.randperm(run.numel, generator=gen)[: math.ceil(run.topk_ratio * run.numel)].sort().values
         parts = [Part(m.chunk.region, m.chunk.offset, m.chunk.data, m.chunk.indices)
                  for m in map(pb.PushMessage.FromString,
