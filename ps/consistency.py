@@ -126,13 +126,14 @@ class ConsistencyEngine:
             if push.sequence < record.last_sequence:
                 raise FailedPrecondition(
                     f"push sequence {push.sequence} is older than the last one ({record.last_sequence})")
-            previous_sequence = record.last_sequence
+            previous = record.last_sequence, record.last_reply
             record.last_sequence, record.last_reply = push.sequence, None
             try:
                 result = (self._result(pb.PUSH_OUTCOME_DROPPED, reason="run_done") if self.store.done
                           else self._admit(push, record))
             except BaseException:
-                record.last_sequence = previous_sequence  # nothing was applied: a retry may try again
+                # nothing was applied: a retry may try again, and a retry of the push before still gets its reply
+                record.last_sequence, record.last_reply = previous
                 self.store.lock.notify_all()
                 raise
             record.last_reply = result

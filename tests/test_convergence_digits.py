@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import sklearn  # noqa: F401  the digits come with scikit-learn, a dev dependency: no skip without it
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +30,6 @@ from conftest import fast_timeouts, train_in_threads
 from paramhub.common.config import WorkerConfig
 from paramhub.common.layout import BUFFER, PARAM
 
-pytest.importorskip("sklearn", reason="the digits come with scikit-learn (make install installs it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 IMAGE, WORKERS, BATCH, LR, MOMENTUM, STEPS = 16, 2, 32, 0.01, 0.9, 80

@@ -24,10 +24,7 @@ from dataclasses import dataclass, field
 import click
 import pytest
 
-try:
-    import yaml
-except ImportError:  # not a dependency of paramhub itself
-    yaml = None
+import yaml  # a dev dependency (pyproject.toml [dev]); without it the deploy files go unchecked, so no skip
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,8 +36,6 @@ COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 K8S = DEPLOY / "k8s"
 
-NO_YAML = "PyYAML is not installed (pip install pyyaml): the compose and k8s files cannot be parsed"
-needs_yaml = pytest.mark.skipif(yaml is None, reason=NO_YAML)
 
 # The console scripts of pyproject.toml that a container may run.
 CONSOLE_SCRIPTS = {
@@ -78,13 +73,13 @@ class CommandLine:
 
 
 def load_command(prog: str) -> click.Command:
-    """The click command behind a console script; skips when it is not written yet."""
+    """The click command behind a console script; a deploy file naming one that does not import fails."""
     assert prog in CONSOLE_SCRIPTS, f"{prog!r} is not one of paramhub's console scripts {sorted(CONSOLE_SCRIPTS)}"
     module, _, name = CONSOLE_SCRIPTS[prog].partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        pytest.skip(f"{prog} ({CONSOLE_SCRIPTS[prog]}) is not importable yet: {exc}")
+        pytest.fail(f"{prog} ({CONSOLE_SCRIPTS[prog]}) does not import: {exc}")
 
 
 def option_envvars(command: click.Command, ctx: click.Context) -> set[str]:
@@ -122,8 +117,8 @@ def parse_command_line(line: CommandLine, monkeypatch) -> tuple[str, click.Conte
             rest = [*(ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args), *ctx.args]
             assert rest, f"{line.where}: `{' '.join(argv)}` names no {prog} subcommand"
             if rest[0] not in command.list_commands(ctx):
-                pytest.skip(f"{prog} has no '{rest[0]}' command yet (it is being written): "
-                            f"`{' '.join(argv)}` in {line.where} cannot be checked")
+                pytest.fail(f"{line.where}: `{' '.join(argv)}` names {prog} {rest[0]!r}, which is not one of its "
+                            f"commands ({', '.join(command.list_commands(ctx))})")
             name, command, sub_args = command.resolve_command(ctx, rest)
             ctx = command.make_context(name, sub_args, parent=ctx, resilient_parsing=False)
             read |= option_envvars(command, ctx)
@@ -242,9 +237,6 @@ def container_env(container: dict) -> dict:
 def command_lines() -> list:
     """Every command line in the deploy files, as pytest params."""
     lines = [CommandLine("docker", "Dockerfile CMD", dockerfile_cmd())]
-    if yaml is None:
-        return [pytest.param(line, id=line.where) for line in lines] + [
-            pytest.param(None, id="compose and k8s", marks=pytest.mark.skip(reason=NO_YAML))]
     compose = load_yaml(COMPOSE)
     for name, service in compose["services"].items():
         where, env = f"compose service {name}", compose_env(service)
@@ -332,7 +324,6 @@ def compose_services_running(compose: dict, prog: str) -> dict:
     return {name: s for name, s in compose["services"].items() if s["command"][0] == prog}
 
 
-@needs_yaml
 def test_compose_runs_one_worker_per_shard(monkeypatch):
     """Workers take shards 0..N-1, once each, N = the server's --workers, and dial the server."""
     compose = load_yaml(COMPOSE)
@@ -351,7 +342,6 @@ def test_compose_runs_one_worker_per_shard(monkeypatch):
     assert server_params["workers"] == len(workers), "the server's --workers is not the number of worker services"
 
 
-@needs_yaml
 def test_compose_server_listens_on_every_interface_with_a_token(monkeypatch):
     """ps-server refuses a non-loopback listener with neither TLS nor a token; --insecure is not the way."""
     compose = load_yaml(COMPOSE)
@@ -366,7 +356,6 @@ def test_compose_server_listens_on_every_interface_with_a_token(monkeypatch):
         assert compose_env(service).get("PARAMHUB_TOKEN") == compose_env(server)["PARAMHUB_TOKEN"]
 
 
-@needs_yaml
 def test_compose_clients_wait_for_a_healthy_server():
     """Workers and the evaluator start once the server's health check passes, and that check asks gRPC health."""
     compose = load_yaml(COMPOSE)
@@ -378,7 +367,6 @@ def test_compose_clients_wait_for_a_healthy_server():
             assert service["depends_on"][server_name]["condition"] == "service_healthy", name
 
 
-@needs_yaml
 def test_compose_volumes_hold_every_path(monkeypatch):
     """Named volumes are declared; data is read-only; checkpoints and metrics land on a writable volume."""
     compose = load_yaml(COMPOSE)
@@ -398,7 +386,6 @@ def test_compose_volumes_hold_every_path(monkeypatch):
             assert params["checkpoint_dir"] and params["resume"], "the server should checkpoint and resume"
 
 
-@needs_yaml
 def test_compose_gpu_override_gives_each_worker_its_own_gpu():
     compose = load_yaml(COMPOSE)
     gpu = load_yaml(COMPOSE_GPU)
@@ -415,7 +402,6 @@ def test_compose_gpu_override_gives_each_worker_its_own_gpu():
         assert service["build"]["args"]["BASE"] == "cuda", f"{name}: the GPU workers need the cuda image"
 
 
-@needs_yaml
 def test_env_example_lists_the_compose_variables():
     """deploy/.env.example documents exactly the variables the compose files use."""
     used = set()
@@ -471,14 +457,12 @@ def k8s_mounts(container: dict) -> dict:
     return {m["mountPath"]: bool(m.get("readOnly")) for m in container.get("volumeMounts", [])}
 
 
-@needs_yaml
 def test_kustomization_lists_every_manifest():
     listed = set(load_yaml(K8S / "kustomization.yaml")["resources"])
     present = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == present, f"not listed: {present - listed}; missing: {listed - present}"
 
 
-@needs_yaml
 def test_k8s_workers_are_an_indexed_job_over_the_shards(monkeypatch):
     """completions = parallelism = N = the server's --workers; pod i trains shard JOB_COMPLETION_INDEX = i."""
     docs = k8s_documents()
@@ -507,7 +491,6 @@ def test_k8s_workers_are_an_indexed_job_over_the_shards(monkeypatch):
     assert host in server_services and int(port) == server_params["port"], params["server"]
 
 
-@needs_yaml
 def test_k8s_server_is_a_resuming_statefulset_with_grpc_probes(monkeypatch):
     docs = k8s_documents()
     statefulset, container = k8s_workload(docs, "StatefulSet", "ps-server")
@@ -530,7 +513,6 @@ def test_k8s_server_is_a_resuming_statefulset_with_grpc_probes(monkeypatch):
     assert headless and headless["spec"]["clusterIP"] == "None", "serviceName should be a headless Service"
 
 
-@needs_yaml
 def test_k8s_services_reach_the_server():
     docs = k8s_documents()
     statefulset, container = k8s_workload(docs, "StatefulSet", "ps-server")
@@ -545,7 +527,6 @@ def test_k8s_services_reach_the_server():
             assert target in ports or target in ports.values(), f"{service['metadata']['name']}: no port {target}"
 
 
-@needs_yaml
 def test_k8s_eval_is_one_job_that_completes_with_the_run(monkeypatch):
     # ps-eval exits 0 after the final version: a Deployment would restart it, a Job completes.
     job, container = k8s_workload(k8s_documents(), "Job", "ps-eval")
@@ -555,7 +536,6 @@ def test_k8s_eval_is_one_job_that_completes_with_the_run(monkeypatch):
     assert params["out"] and params["checkpoint_dir"]
 
 
-@needs_yaml
 def test_k8s_volumes_and_secrets_exist(monkeypatch):
     """Every mount has a volume, every claim and secret exists, every path option lies on a mount."""
     docs = k8s_documents()
@@ -583,7 +563,6 @@ def test_k8s_volumes_and_secrets_exist(monkeypatch):
             check_paths(line.where, params, k8s_mounts(container))
 
 
-@needs_yaml
 def test_kustomize_builds():
     """kubectl's built-in kustomize renders the manifests (no cluster needed)."""
     if not shutil.which("kubectl"):

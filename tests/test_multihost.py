@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+import yaml  # a dev dependency (pyproject.toml [dev]): no skip without it
 
 from netns import Host, require_netns
 from paramhub.common.checkpoint import list_checkpoints, load_checkpoint
@@ -42,7 +43,6 @@ COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 def compose_commands() -> dict[str, list[str]]:
     """Each compose service's command line, ${VAR:-default} filled in from SETTINGS (else the default)."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: the compose file cannot be read")
     services = yaml.safe_load(COMPOSE.read_text())["services"]
 
     def fill(arg: str) -> str:

@@ -16,8 +16,9 @@ def run_workers(start_server, overlap: bool | None, workers: int = 1, steps: int
     """Runs ``workers`` trainers against a fresh async server; returns it and worker 0's summary."""
     server = start_server(model="mlp", num_classes=4, workers=workers, mode="async", lr=0.05, max_steps=steps,
                           **server_options)
+    # cpu: whether a worker overlaps by default follows its device (GPU: on), and these tests count on CPU workers
     config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", batch_size=8, image_size=8,
-                          synthetic_size=256, log_every=0, overlap=overlap, timeouts=fast_timeouts())
+                          synthetic_size=256, log_every=0, overlap=overlap, device="cpu", timeouts=fast_timeouts())
     return server, train_in_threads(config, workers, timeout=90)[0]
 
 
@@ -64,7 +65,7 @@ def run_partitioned(start_server, **server_options):
     servers = [start_server(model="mlp", num_classes=4, workers=2, mode="async", lr=0.05, max_steps=16,
                             partition=(k, 2), **server_options) for k in range(2)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0, overlap=True,
-                          timeouts=fast_timeouts(round=60))
+                          device="cpu", timeouts=fast_timeouts(round=60))
     train_in_threads(config, 2, timeout=90, make_client=lambda: PartitionedClient(
         [PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in servers]))
     return servers

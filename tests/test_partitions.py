@@ -55,7 +55,7 @@ def train(start_server, partitions: int, steps: int = 5, **server_options) -> di
     servers = [start_server(model="mlp", num_classes=4, workers=2, lr=0.1, momentum=0.9, max_steps=steps,
                             partition=(k, partitions), **server_options) for k in range(partitions)]
     config = WorkerConfig(data="synthetic", batch_size=8, image_size=8, synthetic_size=256, log_every=0,
-                          timeouts=fast_timeouts())
+                          device="cpu", timeouts=fast_timeouts())  # cpu: bit-identical runs need deterministic kernels
 
     def make_client():
         clients = [PSClient(f"127.0.0.1:{s.port}", config.timeouts) for s in reversed(servers)]  # any order

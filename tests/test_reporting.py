@@ -51,7 +51,8 @@ def test_a_worker_on_a_terminal_shows_step_version_loss_and_samples_per_second(s
     assert f"loss={summary.losses[-1]:.4f}" in last
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="tensorboard is not installed (an optional extra: pip install 'paramhub[tensorboard]')")
 def test_ps_eval_writes_top1_top5_loss_by_version_as_tensorboard_scalars(start_server, connect, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -14,8 +14,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+import torch
 
 from conftest import fast_timeouts
+from paramhub.common import codec
+from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import Security, SecurityError, check_listen_address
 from paramhub.tools.cluster import LocalCluster
 from paramhub.worker.client import PSClient, ServerUnreachable
@@ -61,22 +65,68 @@ def pki(tmp_path_factory):
     return {"ca": str(d / "ca.crt"), "server": server, "client": client, "rogue": rogue}
 
 
+def _every_rpc(channel, info, metadata) -> dict:
+    """Calls each of the six RPCs once with ``metadata``; each is a call that changes the server if let through.
+
+    Returns the RpcError each raised (or None when it succeeded).
+    """
+    stub = pb_grpc.ParameterServerStub(channel)
+    worker = dict(worker_id=info.worker_id, incarnation=info.incarnation)
+    push = [pb.PushMessage(header=pb.PushHeader(**worker, sequence=1, base_version=0, kind=pb.PUSH_KIND_GRADIENT,
+                                                layout_hash=info.layout.hash, num_samples=1, loss=0.0))]
+    push += [pb.PushMessage.FromString(m) for m in codec.encoded_chunks(
+        info.layout, [torch.ones(info.layout.regions[0].numel)])]
+    calls = {
+        "Join": lambda: stub.Join(pb.JoinRequest(worker_name="intruder", incarnation=1), metadata=metadata, timeout=5),
+        "Pull": lambda: list(stub.Pull(pb.PullRequest(worker_id=info.worker_id), metadata=metadata, timeout=5)),
+        "Push": lambda: stub.Push(iter(push), metadata=metadata, timeout=5),
+        "Heartbeat": lambda: stub.Heartbeat(pb.HeartbeatRequest(**worker), metadata=metadata, timeout=5),
+        "Status": lambda: stub.Status(pb.StatusRequest(), metadata=metadata, timeout=5),
+        "Leave": lambda: stub.Leave(pb.LeaveRequest(**worker), metadata=metadata, timeout=5),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except grpc.RpcError as err:
+            errors[name] = err
+    return errors
+
+
 def test_the_token_is_checked_on_every_call_but_health(start_server):
     server = start_server(security=Security(token="s3cret"))
     with PSClient(f"127.0.0.1:{server.port}", fast_timeouts(), security=Security(token="s3cret")) as good:
-        assert good.join("w").worker_id == 1
+        info = good.join("w")
+        with server.store.reading() as snap:
+            weights = snap.regions[0].clone()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for metadata, reason in (((), "missing token"), ((("authorization", "Bearer guess"),), "wrong token"),
+                                     ((("authorization", "s3cret"),), "wrong token")):  # not as a bearer token
+                errors = _every_rpc(channel, info, metadata)
+                assert set(errors) == {"Join", "Pull", "Push", "Heartbeat", "Leave", "Status"}
+                for name, err in errors.items():
+                    assert err is not None, f"{name} answered without the token"
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and reason in err.details(), name
+                # Nothing changed: no update, no new worker, the worker did not leave.
+                assert server.store.version == 0 and torch.equal(server.store.snapshot().regions[0], weights)
+                assert [(r.name, r.alive) for r in server.registry.trainers()] == [("w", True)]
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no secret
+        # With the token every call works: the same six.
         assert good.status().version == 0
-    for token, reason in ((None, "missing token"), ("guess", "wrong token")):
-        with PSClient(f"127.0.0.1:{server.port}", fast_timeouts(), security=Security(token=token)) as bad:
-            with pytest.raises(grpc.RpcError) as err:
-                bad.join("intruder")
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert reason in err.value.details()
-            with pytest.raises(grpc.RpcError):
-                bad.status()
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # probes need no secret
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert good.heartbeat().version == 0
+        assert good.push(pb.PUSH_KIND_GRADIENT, 0, [torch.ones_like(weights)], num_samples=1, loss=0.0).version == 1
+        regions = info.layout.empty_regions()
+        assert good.pull(regions).version == 1
+        torch.testing.assert_close(regions[0], weights - 0.1)  # the fixture's lr: the push was applied
+        good.leave()
+        assert not server.registry.trainers()[0].alive
+        assert good.join("w2").worker_id != info.worker_id
+    with PSClient(f"127.0.0.1:{server.port}", fast_timeouts(), security=Security(token="guess")) as bad:
+        with pytest.raises(grpc.RpcError) as err:  # the client's own path (the token interceptor) is refused too
+            bad.join("intruder")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "wrong token" in err.value.details()
 
 
 def test_mutual_tls_admits_only_clients_signed_by_the_ca(start_server, pki):
