@@ -397,6 +397,7 @@ class SparseCollector:
         self._max_abs = max_abs
         self._last: dict[int, int] = {}
         self.pieces: list[Piece] = []
+        self.values = 0  # pairs received so far
 
     def add(self, chunk: Chunk) -> None:
         """Checks one sparse chunk and keeps its indices and values."""
@@ -416,6 +417,12 @@ class SparseCollector:
         check_values(values, self._max_abs)
         self.pieces.append(Piece(r, values, indices=indices))
         self._last[r] = int(indices[-1])
+        self.values += len(indices)
+
+    def finish(self, expected: int) -> None:
+        """Raises MalformedMessage unless exactly ``expected`` pairs arrived (a stream cut short is not whole)."""
+        if self.values != expected:
+            raise MalformedMessage(f"sparse push ended after {self.values} of the {expected} values declared")
 
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

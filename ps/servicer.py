@@ -289,6 +289,8 @@ class ParameterServerServicer:
             raise
         try:
             assembler.finish()
+            if header.sparse:
+                sparse.finish(header.sparse_values)
         except codec.MalformedMessage:
             # A client killed mid-stream can look like this too: gRPC may end the stream before it
             # marks the call cancelled. Either way the push is incomplete and logged the same.
@@ -320,6 +322,8 @@ class ParameterServerServicer:
             raise InvalidArgument("reported loss is NaN or infinite")
         if header.sequence < 1:
             raise InvalidArgument("sequence numbers start at 1")
+        if header.sparse_values and not header.sparse:
+            raise InvalidArgument("sparse_values is for sparse pushes; a dense one declares none")
 
     def _response(self, result) -> pb.PushResponse:
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,

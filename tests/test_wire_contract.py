@@ -315,12 +315,22 @@ def test_resnet_bf16_wire_integer_buffers_and_a_sparse_push(start_server, refere
 
     # negative control: the same push with the BUFFER regions out of order is refused, nothing applied
     with pytest.raises(grpc.RpcError) as err:
-        client.push([client.push_header(1, sparse=True)] + sparse + buffers([int_buffer, float_buffer]))
+        client.push([client.push_header(1, sparse=True, sparse_values=4)] + sparse
+                    + buffers([int_buffer, float_buffer]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert server.store.version == 0
 
+    # negative control: a sparse push whose chunks carry other than the values its header declares
+    # (4: a stream cut short, or one with more than it said) is refused, nothing applied
+    for declared in (5, 3):
+        with pytest.raises(grpc.RpcError) as err:
+            client.push([client.push_header(1, sparse=True, sparse_values=declared)] + buffers([float_buffer])
+                        + sparse + buffers([int_buffer]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert server.store.version == 0
+
     # sparse chunks may come after the dense ones: here in the middle of the stream
-    reply = client.push([client.push_header(1, sparse=True)] + buffers([float_buffer]) + sparse
+    reply = client.push([client.push_header(1, sparse=True, sparse_values=4)] + buffers([float_buffer]) + sparse
                         + buffers([int_buffer]))
     assert (reply.outcome, reply.version) == (pb.PUSH_OUTCOME_ACCEPTED, 1)
     after = server_weights(server)
@@ -369,7 +379,7 @@ def _bad_push(client: ReferenceClient, case: str) -> list[pb.PushMessage]:
         return [header, pb.PushMessage(chunk=pb.TensorChunk(region=0, indices=np.array([1], "<u4").tobytes(),
                                                             data=to_wire(np.ones(1), pb.DTYPE_FLOAT32)))]
     if case == "dense PARAM chunks in a sparse push":
-        sparse_header = client.push_header(1, sparse=True)
+        sparse_header = client.push_header(1, sparse=True, sparse_values=1)
         return [sparse_header] + chunks
     if case == "NaN":
         data = bytearray(chunks[0].chunk.data)

@@ -252,6 +252,7 @@ class PSClient:
             worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
             base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
             loss=loss, dry_run=dry_run, sparse=bool(sparse), keeps_base=keeps_base,
+            sparse_values=sum(len(indices) for indices, _ in (sparse or {}).values()),
         )
         chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
 
