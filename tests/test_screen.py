@@ -220,3 +220,42 @@ def test_a_checkpoint_holding_inf_is_skipped_on_resume(start_server, connect, tm
     resumed = start_server(checkpoint_dir=str(tmp_path), resume=True)
     assert resumed.store.version == 2 and good  # the inf one (version 3) was skipped, the newest good one taken
     assert codec.finite(resumed.store.snapshot().regions[0])
+
+
+@pytest.mark.timeout(90)
+def test_ps_server_exits_1_naming_the_cause_when_the_run_diverges(tmp_path):
+    """The console script: a run stopped as diverged is a failure (exit 1), not a finished run."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import fast_timeouts
+    from paramhub.worker.client import PSClient
+
+    port_file = tmp_path / "port"
+    server = subprocess.Popen([sys.executable, "-m", "paramhub.ps.cli", "--model", "mlp", "--num-classes", "4",
+                               "--port", "0", "--port-file", str(port_file), "--lr", "10", "--weight-decay", "1",
+                               "--momentum", "0"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() and time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.05)
+        with PSClient(f"127.0.0.1:{int(port_file.read_text())}", fast_timeouts()) as client:
+            client.join("a")
+            zero = [torch.zeros(client.info.layout.regions[0].numel)]
+            version, reply = 0, None
+            for _ in range(200):
+                reply = client.push(GRAD, version, zero, num_samples=1, loss=1.0)
+                if reply.done:
+                    break
+                version = reply.version
+            assert reply.done, "the weights grew by 9x a version for 200 versions and nothing stopped them"
+            client.leave()  # as a worker does on done: the server stops draining
+        assert server.wait(timeout=30) == 1
+        assert "run failed: the update to version" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=5)
