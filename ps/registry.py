@@ -135,17 +135,22 @@ class WorkerRegistry:
             FailedPrecondition: an old incarnation, or one that left.
         """
         with self._lock:
-            record = self._by_id.get(worker_id)
-            if record is None or not record.joined:
-                raise NotFound(f"unknown worker id {worker_id} (the server may have restarted); join again")
-            if incarnation != record.incarnation:
-                raise FailedPrecondition(
-                    f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
+            record = self._session(worker_id, incarnation)
             if record.left:
                 raise FailedPrecondition(f"worker {record.name} incarnation {incarnation} left; join again")
             record.last_seen = self._clock()
             record.alive = True
             return record
+
+    def _session(self, worker_id: int, incarnation: int) -> WorkerRecord:
+        """The record of a worker that joined this process with this incarnation (call under the lock)."""
+        record = self._by_id.get(worker_id)
+        if record is None or not record.joined:
+            raise NotFound(f"unknown worker id {worker_id} (the server may have restarted); join again")
+        if incarnation != record.incarnation:
+            raise FailedPrecondition(
+                f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
+        return record
 
     def touch(self, worker_id: int) -> bool:
         """Renews a joined worker's lease (not one that left); returns whether the id joined this process."""
@@ -168,12 +173,7 @@ class WorkerRegistry:
             FailedPrecondition: an old incarnation.
         """
         with self._lock:
-            record = self._by_id.get(worker_id)
-            if record is None or not record.joined:
-                raise NotFound(f"unknown worker id {worker_id} (the server may have restarted); join again")
-            if incarnation != record.incarnation:
-                raise FailedPrecondition(
-                    f"worker {record.name} incarnation {incarnation} was replaced by {record.incarnation}")
+            record = self._session(worker_id, incarnation)
             if not record.left:
                 record.left = True
                 self._depart(record)

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
 from paramhub.common.config import ServerConfig, Timeouts
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    """Polls ``condition`` until it returns something truthy (and returns that); TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+    return value
 
 
 def fast_timeouts(**overrides) -> Timeouts:

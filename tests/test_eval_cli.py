@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, wait_for
 
 from paramhub.common.checkpoint import load_checkpoint
 from paramhub.common.evaluation import evaluate, evaluation_dataset
@@ -33,14 +33,6 @@ EVAL_ARGS = ["--data", "synthetic", "--image-size", "8", "--eval-size", "48", "-
 def expected_metrics(model, size: int = 48):
     data = evaluation_dataset("synthetic", num_classes=model.fc.out_features, image_size=8, size=size)
     return evaluate(model, DataLoader(data, batch_size=16), "cpu")
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 class EvaluatorThread:

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, wait_for
 from netns import Host, require_netns
 from paramhub.common import codec
 from paramhub.common.checkpoint import list_checkpoints, load_checkpoint
@@ -58,15 +58,6 @@ def read_line(stream, timeout: float) -> str:
     if not ready:
         raise TimeoutError(f"no line from the child within {timeout}s")
     return stream.readline()
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Polls ``condition`` until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout}s")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -119,14 +110,14 @@ def test_a_worker_killed_mid_push_does_not_stop_a_sync_run(start_server, connect
             sent, total = int(sent), int(total)
             assert total == layout.nbytes and 0 < sent < total and total // 1024 >= 10  # many chunks, half sent
             # the victim is blocked mid-stream: kill it once the server has read what it sent
-            wait_until(lambda: received() >= 2 * rounds_before_cut * total + sent, 30, "server never got the half")
+            wait_for(lambda: received() >= 2 * rounds_before_cut * total + sent, 30, "server never got the half")
             victim.kill()
             assert victim.wait(timeout=10) == -signal.SIGKILL
             # gRPC Python may end the request iterator of a call whose client died before it marks the
             # call cancelled (6 runs of 14 here): the stream then "ended short" instead of being
             # "abandoned midway". Both log what had arrived; neither applies it.
             cut_log = re.compile(r"push 4 of w1 (?:abandoned midway|ended short) after (\d+) of (\d+) payload bytes")
-            wait_until(lambda: cut_log.search(caplog.text), 10, "the cut push was not logged")
+            wait_for(lambda: cut_log.search(caplog.text), 10, "the cut push was not logged")
             numbers = [int(n) for n in cut_log.search(caplog.text).groups() if n is not None]
             assert numbers == [sent, total], caplog.text
             assert server.store.version == rounds_before_cut

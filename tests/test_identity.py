@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, wait_for
 from paramhub.common import codec
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
@@ -74,15 +74,6 @@ def push(port: int, reply: pb.JoinResponse, incarnation: int, sequence: int, bas
 
 def weights(server) -> list[torch.Tensor]:
     return [r.clone() for r in server.store.snapshot().regions]
-
-
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
-    return value
 
 
 # -- names ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, wait_for
 
 from paramhub.common import codec
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -76,13 +76,6 @@ def silent_streams():
     yield open_streams
     for streams in opened:
         streams.close()
-
-
-def wait_for(condition, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def timed(call) -> float:

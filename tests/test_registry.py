@@ -145,7 +145,7 @@ def test_seconds_since_seen(registry, clock):
 
 def test_leave(registry, clock, lost):
     a = registry.join("a", incarnation=1, observer=False, shard=0)
-    b = registry.join("b", incarnation=1, observer=False, shard=1)
+    registry.join("b", incarnation=1, observer=False, shard=1)
     registry.leave(a.worker_id, 1)
     assert {r.name: r.alive for r in registry.trainers()} == {"a": False, "b": True}
     assert registry.lost_trainers() == 1

@@ -10,11 +10,11 @@ import collections
 import logging
 import re
 import signal
-import time
 
 import pytest
 import torch
 
+from conftest import wait_for
 from paramhub.common.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import PARAM, Layout
@@ -29,15 +29,6 @@ pytestmark = pytest.mark.timeout(180)
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-3
 MAX_STEPS, KILL_AT = 10, 4
 CLIENT_TIMEOUTS = Timeouts(rpc=10, transfer=30, connect=60, pull_wait=20)
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    """Polls ``condition`` until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout}s")
-        time.sleep(0.05)
 
 
 def pull_all(address: str) -> tuple[Layout, list[torch.Tensor], pb.PullHeader]:
@@ -100,8 +91,8 @@ def test_a_server_killed_mid_round_resumes_to_exactly_the_uninterrupted_run(tmp_
                 status = watcher.status()
                 return status.version == KILL_AT and status.round_pushes == 1
 
-            wait_until(held_mid_round, 60, "the run never held mid-round")
-        wait_until(checkpoint_path(ckpt, KILL_AT).exists, 30, f"no checkpoint of version {KILL_AT}")
+            wait_for(held_mid_round, 60, "the run never held mid-round")
+        wait_for(checkpoint_path(ckpt, KILL_AT).exists, 30, f"no checkpoint of version {KILL_AT}")
         cluster.kill_server()
         cluster.start_server(*args, "--resume", port=port)
         workers[1].release.set()

@@ -7,14 +7,13 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import fast_timeouts
+from conftest import fast_timeouts, wait_for
 
 from paramhub.common.pb import paramhub_pb2 as pb
 
@@ -35,15 +34,6 @@ def api_status(port: int) -> dict:
     content_type, body = get(port, "/api/status")
     assert content_type == "application/json"
     return json.loads(body, parse_constant=refuse)
-
-
-def wait_for(condition, timeout: float = 30.0):
-    """Polls ``condition`` until it returns something truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.05)
-    return result
 
 
 def push(client, base_version: int, loss: float, value: float = 0.0) -> pb.PushResponse:
