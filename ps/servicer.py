@@ -103,7 +103,8 @@ class ParameterServerServicer:
         self._all_regions = list(range(len(self.layout.regions)))
         self._param_regions = self.layout.region_indices(PARAM)
         self.wire_layout = self.layout.on_wire(wire_dtype)
-        self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)  # concurrent pulls share one encoding
+        # concurrent pulls share one encoding
+        self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)
         self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
         self.screen = screen or UpdateScreen(self._param_regions)
         self.limits = limits or StreamLimits(total=1 << 30, per_peer=1 << 30)
