@@ -35,6 +35,9 @@ MIN_CHUNK_BYTES = 1 << 10
 MAX_CHUNK_BYTES = 32 << 20
 # gRPC's receive limit must leave room for the message framing around a chunk.
 MESSAGE_OVERHEAD_BYTES = 64
+# The server's replies may reach this whatever the chunk size (a JoinResponse carries the layout:
+# 12.9 KB for ResNet50): gRPC's default receive limit, so a stock client takes them.
+MIN_REPLY_LIMIT_BYTES = 4 << 20
 
 _CHUNK_FIELD_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
 _REGION_TAG = 0x08  # TensorChunk.region: field 1, varint

@@ -211,7 +211,9 @@ class PSServer:
             interceptors=config.security.server_interceptors() + [RequestGate(self.request_waits)],
             options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
                 ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
-                ("grpc.max_send_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
+                # replies are at most a chunk, or a Join/Status reply that may outgrow a tiny --chunk-bytes
+                ("grpc.max_send_message_length", max(config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES,
+                                                     codec.MIN_REPLY_LIMIT_BYTES)),
             ],
         )
         add_to_server(self.servicer, self._grpc)

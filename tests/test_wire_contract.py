@@ -508,3 +508,11 @@ def test_a_pull_from_an_id_this_server_never_saw_joined_is_told_at_once(start_se
     assert header.version == 0
     anonymous = list(client.stub.Pull(pb.PullRequest(worker_id=0), timeout=10))
     assert anonymous[0].header.version == 0 and len(anonymous) > 1
+
+
+def test_a_join_reply_larger_than_a_tiny_chunk_size_still_arrives(start_server, reference):
+    """The server's replies may exceed max_chunk_bytes + 64 (up to 4 MiB): resnet18's layout is ~5 KB."""
+    server = start_server(model="resnet18", num_classes=2, chunk_bytes=1024)
+    join = reference(server.port).join("w")
+    assert join.max_chunk_bytes == 1024 and join.ByteSize() > 1024 + 64
+    assert len(join.layout.tensors) == len(server.layout.tensors)
