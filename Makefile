@@ -29,7 +29,7 @@ bench:
 	ps-bench transport
 
 lint:
-	$(PYTHON) -m ruff check common ps worker tests
+	$(PYTHON) -m ruff check common ps worker tools tests
 
 # A local cluster in Docker (deploy/docker-compose.yml): one server, two workers, one evaluator.
 # Settings in deploy/.env (see deploy/.env.example); GPUs: add -f deploy/docker-compose.gpu.yml.

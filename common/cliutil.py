@@ -131,7 +131,8 @@ def read_config(path: str | pathlib.Path, section: str, command: click.Command) 
                     else section_keys(section)
                 if normal in others:
                     continue  # another program's flag (or another subcommand's)
-                who = "no paramhub program has a" if table == COMMON_SECTION else f"{CONFIG_SECTIONS[section][0]} has no"
+                who = ("no paramhub program has a" if table == COMMON_SECTION
+                       else f"{CONFIG_SECTIONS[section][0]} has no")
                 fail(f"unknown key {key!r} in [{table}]: {who} flag --{normal.replace('_', '-')}")
             if isinstance(value, (dict, list, datetime.date, datetime.time)):
                 fail(f"[{table}] {key} must be a string, a number or a boolean")

@@ -27,7 +27,7 @@ from paramhub.common.pb import paramhub_pb2 as pb
 if sys.byteorder != "little":  # the wire is little-endian and we copy raw memory
     raise ImportError("paramhub needs a little-endian host")
 
-# 2 MB chunks measured best on loopback (512 KB to 8 MB tried; DESIGN.md).
+# 2 MB chunks measured best for push+pull on loopback (512 KB, 1 MB, 4 MB and 8 MB were all slower).
 DEFAULT_CHUNK_BYTES = 2 << 20
 # The range a server may set: a chunk holds at least a few elements of any dtype (and sparse
 # index/value pairs), and at most what a PSClient accepts in one message (its 64 MB limit).
@@ -255,7 +255,8 @@ class _ChunksInOrder:
         return r, start
 
     def _skip_full_regions(self) -> None:
-        while self._position < len(self._order) and self._filled == self._layout.regions[self._order[self._position]].nbytes:
+        regions = self._layout.regions
+        while self._position < len(self._order) and self._filled == regions[self._order[self._position]].nbytes:
             self._position += 1
             self._filled = 0
 

@@ -136,7 +136,23 @@ class ServerConfig:
         return self.rpc_threads - RESERVED_THREADS // 2
 
     def __post_init__(self):
-        """Cross-field checks (ValueError), so every way of building a config gets them."""
+        """Cross-field checks (ValueError, naming the flags), so every way of building a config gets them."""
+        if self.backup_workers >= self.workers:
+            raise ValueError(f"--backup-workers ({self.backup_workers}) must be fewer than --workers ({self.workers})")
+        if self.lr_schedule == "cosine" and not self.max_steps:
+            raise ValueError("--lr-schedule cosine needs --max-steps")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.staleness is not None and self.mode != "async":
+            raise ValueError("--staleness only applies to --mode async")
+        if self.new_head and not self.init_from:
+            raise ValueError("--new-head needs --init-from (a new head on what?)")
+        if self.partition[1] > 1 and self.eval_data:
+            raise ValueError("--eval-data: a partition holds part of the model; evaluate with ps-eval")
+        if bool(self.eval_data) != bool(self.eval_every):
+            raise ValueError("--eval-data and --eval-every go together")
+        if self.eval_precise_bn_data and not self.eval_data:
+            raise ValueError("--eval-precise-bn-data needs --eval-data (precise BN is part of the server's evaluation)")
         if self.rpc_threads <= RESERVED_THREADS:
             raise ValueError(f"--rpc-threads must be more than {RESERVED_THREADS} (the threads kept for health "
                              f"checks, Status, Join, Heartbeat and Leave), got {self.rpc_threads}")

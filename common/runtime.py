@@ -74,7 +74,7 @@ def keep_freed_memory_resident() -> bool:
 
     Every push and pull allocates and frees buffers of the model's size; with
     glibc's defaults each of those is a fresh mmap that the kernel must zero, which
-    measured about 10% of a round trip (DESIGN.md). The price is that the process
+    measured about 10% of a push+pull round trip. The price is that the process
     keeps its peak heap resident, so all threads share one arena: with one per
     thread, gRPC's handler threads each kept their own freed message buffers
     (8 workers: 170-530 MB more at the peak, growing round after round; no CPU
@@ -241,7 +241,8 @@ def _read_quota(path: pathlib.Path, kind: str) -> float | None:
         return None
 
 
-def cgroup_cpu_limit(proc: str | os.PathLike = "/proc", cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+def cgroup_cpu_limit(proc: str | os.PathLike = "/proc",
+                     cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
     """The CPUs a cgroup quota allows this process (1.5 for ``cpu.max`` "150000 100000"), None when unlimited.
 
     Reads the process's own cgroup from ``/proc/self/cgroup`` (v2 ``0::/path``, v1
@@ -282,7 +283,8 @@ def cgroup_cpu_limit(proc: str | os.PathLike = "/proc", cgroup_root: str | os.Pa
     return min(limits) if limits else None
 
 
-def available_cpus(proc: str | os.PathLike = "/proc", cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> tuple[float, bool]:
+def available_cpus(proc: str | os.PathLike = "/proc",
+                   cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> tuple[float, bool]:
     """The CPUs this process may use: its affinity mask, capped by a cgroup quota; and whether the quota capped it."""
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -341,7 +343,8 @@ def recheck_threads() -> None:
         _recheck()
 
 
-def configure_torch_threads(explicit: int, logger: logging.Logger, prefix: str = "", recheck: bool = False) -> ThreadChoice:
+def configure_torch_threads(explicit: int, logger: logging.Logger, prefix: str = "",
+                            recheck: bool = False) -> ThreadChoice:
     """Decides and applies this process's torch threads at start, in one INFO line naming the inputs.
 
     With ``recheck`` and an auto choice, ``recheck_threads`` re-counts the local

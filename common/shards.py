@@ -274,7 +274,8 @@ class Cifar10Source:
 
 
 def open_source(path: str | os.PathLike) -> ImageFolderSource | Cifar10Source:
-    """The dataset at ``path``: CIFAR-10's ``cifar-10-batches-py`` (or its parent, as torchvision's root) or an ImageFolder tree."""
+    """The dataset at ``path``: CIFAR-10's ``cifar-10-batches-py`` (or its parent, as torchvision's root), or an
+    ImageFolder tree."""
     root = pathlib.Path(path)
     if not root.is_dir():
         raise DataError(f"input directory {root} does not exist")

@@ -138,23 +138,6 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
     """Run a parameter server that holds the global model and applies the workers' updates."""
     setup_logging(log_level, log_format)
     keep_freed_memory_resident()
-    if options["backup_workers"] >= options["workers"]:
-        raise click.BadParameter(f"must be fewer than --workers ({options['workers']})", param_hint="--backup-workers")
-    if options["lr_schedule"] == "cosine" and not options["max_steps"]:
-        raise click.BadParameter("a cosine schedule needs --max-steps", param_hint="--lr-schedule")
-    if options["resume"] and not options["checkpoint_dir"]:
-        raise click.BadParameter("--resume needs --checkpoint-dir", param_hint="--resume")
-    if options["staleness"] is not None and options["mode"] != "async":
-        raise click.BadParameter("only applies to --mode async", param_hint="--staleness")
-    if options["new_head"] and not options["init_from"]:
-        raise click.BadParameter("needs --init-from (a new head on what?)", param_hint="--new-head")
-    if options["partition"][1] > 1 and options["eval_data"]:
-        raise click.BadParameter("a partition holds part of the model; evaluate with ps-eval", param_hint="--eval-data")
-    if bool(options["eval_data"]) != bool(options["eval_every"]):
-        raise click.BadParameter("--eval-data and --eval-every go together", param_hint="--eval-every")
-    if options["eval_precise_bn_data"] and not options["eval_data"]:
-        raise click.BadParameter("needs --eval-data (precise BN is part of the server's evaluation)",
-                                 param_hint="--eval-precise-bn-data")
     for key in ("metrics_port", "http_port"):
         options[key] = options[key] or None  # 0 is off here; in ServerConfig 0 picks a free port (tests)
     security = pop_security(options)
@@ -165,7 +148,7 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
             timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait,
                                          stall=stall_timeout, request=request_timeout),
         )
-    except ValueError as exc:  # ServerConfig's cross-field checks (--quorum, --batch-share, --max-open-streams)
+    except ValueError as exc:  # ServerConfig's cross-field checks: every way of building a config gets them
         raise click.UsageError(str(exc)) from None
     # auto: not every paramhub process on this machine takes all cores; re-checked as workers start beside it
     configure_torch_threads(0, log, "[server] ", recheck=True)

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from paramhub.common.config import PRECISE_BN_BATCHES
-from paramhub.common.evaluation import BestModel, PreciseBN, evaluate_precise, evaluation_dataset, frozen_batchnorm_names
+from paramhub.common.evaluation import (BestModel, PreciseBN, evaluate_precise, evaluation_dataset,
+                                        frozen_batchnorm_names)
 from paramhub.common.models import build_model
 
 log = logging.getLogger("paramhub.ps")

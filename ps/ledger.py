@@ -57,7 +57,8 @@ class Ledger:
             "ledger.entries": torch.tensor(rows, dtype=torch.int64).reshape(-1, 6),
             "ledger.scales": torch.tensor([e.scale for e in self.entries], dtype=torch.float64),
             "ledger.shares": torch.tensor([e.share for e in self.entries], dtype=torch.float64),
-            "ledger.histogram": torch.tensor(sorted(self.staleness_histogram.items()), dtype=torch.int64).reshape(-1, 2),
+            "ledger.histogram": torch.tensor(sorted(self.staleness_histogram.items()),
+                                             dtype=torch.int64).reshape(-1, 2),
             "ledger.applied": torch.tensor(sorted(self.applied_per_worker.items()), dtype=torch.int64).reshape(-1, 2),
             "ledger.total": torch.tensor(self.total, dtype=torch.int64),
         }

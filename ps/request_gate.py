@@ -171,7 +171,8 @@ class RequestGate(grpc.ServerInterceptor):
             return handler  # unknown methods, Push, reflection: nothing to wait for before our code runs
         behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
         served = _reading_first(behavior, handler.request_deserializer, handler_call_details.method, self.waits)
-        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+        make = (grpc.stream_stream_rpc_method_handler if handler.response_streaming
+                else grpc.stream_unary_rpc_method_handler)
         # no request_deserializer: the request arrives as bytes and is parsed under our control (as grpc would)
         return make(served, response_serializer=handler.response_serializer)
 

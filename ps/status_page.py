@@ -206,8 +206,10 @@ PAGE = """<!doctype html>
 </section>
 <div class="plots">
   <section class="panel"><h2>Training loss vs version</h2><svg id="loss-plot" viewBox="0 0 480 240"></svg></section>
-  <section class="panel"><h2>Top-1 accuracy vs version</h2><svg id="accuracy-plot" viewBox="0 0 480 240"></svg></section>
-  <section class="panel"><h2>Staleness of applied pushes</h2><svg id="staleness-plot" viewBox="0 0 480 240"></svg></section>
+  <section class="panel"><h2>Top-1 accuracy vs version</h2>
+    <svg id="accuracy-plot" viewBox="0 0 480 240"></svg></section>
+  <section class="panel"><h2>Staleness of applied pushes</h2>
+    <svg id="staleness-plot" viewBox="0 0 480 240"></svg></section>
 </div>
 <footer>Read-only view of this server; refreshed every second from <a href="/api/status">/api/status</a>.</footer>
 <script>

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from paramhub.common.cliutil import CONFIG_SECTIONS
+from paramhub.common.config import ServerConfig
 from paramhub.ps.cli import main as server_main
 from paramhub.tools.ctl import main as ctl_main
 from paramhub.tools.data import main as data_main
@@ -266,3 +267,20 @@ def test_the_readme_example_parses_for_each_program(tmp_path):
     assert parse(server_main, "--config", config)["staleness"] == 4
     assert parse(worker_main, "--config", config, "--shard", "1")["batch_size"] == 64
     assert parse(eval_main, "--config", config)["every"] == 300
+
+
+@pytest.mark.parametrize("fields, flag", [
+    (dict(workers=2, backup_workers=2), "--backup-workers"),
+    (dict(lr_schedule="cosine"), "--lr-schedule cosine needs --max-steps"),
+    (dict(resume=True), "--resume needs --checkpoint-dir"),
+    (dict(mode="sync", staleness=3), "--staleness only applies to --mode async"),
+    (dict(new_head=True), "--new-head needs --init-from"),
+    (dict(partition=(0, 2), eval_data="val", eval_every=5), "--eval-data: a partition"),
+    (dict(eval_data="val"), "--eval-data and --eval-every go together"),
+    (dict(eval_precise_bn_data="shards"), "--eval-precise-bn-data needs --eval-data"),
+])
+def test_a_contradictory_server_config_is_refused_however_it_is_built(fields, flag):
+    """The checks live in the config type, not only in ps-server's CLI."""
+    with pytest.raises(ValueError, match=flag):
+        ServerConfig(**fields)
+    assert ServerConfig(**{"workers": 3, "mode": "async", "staleness": 3, "max_steps": 10}) is not None  # control

@@ -31,7 +31,7 @@ from paramhub.ps.server import PSServer
 from paramhub.worker.client import JoinInfo, PSClient
 
 pytestmark = pytest.mark.timeout(240)
-# The documented refusals (proto/paramhub.proto, DESIGN.md "The wire"); anything else is a bug.
+# The documented refusals (proto/paramhub.proto, "Identity and retries"); anything else is a bug.
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 PUSH_METHOD = "/paramhub.v1.ParameterServer/Push"

@@ -257,7 +257,8 @@ def test_bad_precise_bn_data_gets_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "no-images" / "a").mkdir(parents=True)
     cases = [(tmp_path / "missing", 3, "does not exist"), (tmp_path / "empty", 3, "not an ImageFolder"),
-             (tmp_path / "no-images", 3, "not an ImageFolder"), (tmp_path / "images", 5, "has 3 classes but the model has 5")]
+             (tmp_path / "no-images", 3, "not an ImageFolder"),
+             (tmp_path / "images", 5, "has 3 classes but the model has 5")]
     for source, classes, message in cases:
         with pytest.raises(DataError, match=message):
             precise_bn_dataset(source, num_classes=classes, image_size=16)

@@ -191,7 +191,8 @@ def test_without_the_limits_the_same_attack_starves_health(start_server, silent_
     attack = silent_streams(f"127.0.0.1:{server.port}", 12)
     wait_for(lambda: server.servicer.limits.open == held and attack.open() == held, what="the attack in place")
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=QUICK_S)
+        def check():
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=QUICK_S)
         if protected:
             assert timed(check) < QUICK_S
         else:

@@ -203,7 +203,8 @@ def test_split_is_reproducible(tmp_path):
     split_dataset(src, tmp_path / "c", 3, seed=10, val_fraction=0.1)
     for part in ["manifest.json", "shard-00000/manifest.json", "shard-00002/manifest.json", "val/manifest.json"]:
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
-    assert read_manifest(tmp_path / "a" / "shard-00000")["files"] != read_manifest(tmp_path / "c" / "shard-00000")["files"]
+    files = {name: read_manifest(tmp_path / name / "shard-00000")["files"] for name in ("a", "c")}
+    assert files["a"] != files["c"]
 
 
 def test_copy_instead_of_hard_links(tmp_path):
@@ -300,8 +301,8 @@ def truncate(src):
     (lambda root: None, 2, 0.0, "does not exist"),
     (lambda root: root.mkdir(), 2, 0.0, "no class sub-directories"),
     (lambda root: (write_image_folder(root, {"cat": 3}), (root / "dog").mkdir()), 2, 0.0, "class 'dog' has no images"),
-    (lambda root: (write_image_folder(root, {"cat": 3}), (root / "dog").mkdir(), (root / "dog" / "a.txt").write_text("x")),
-     2, 0.0, "class 'dog' has no images"),
+    (lambda root: (write_image_folder(root, {"cat": 3}), (root / "dog").mkdir(),
+                   (root / "dog" / "a.txt").write_text("x")), 2, 0.0, "class 'dog' has no images"),
     (lambda root: write_image_folder(root, {"cat": 2, "dog": 2}), 5, 0.0, "4 training image(s) cannot fill 5 shards"),
     (lambda root: write_image_folder(root, {"cat": 4, "dog": 4}), 7, 0.25, "6 training image(s) cannot fill 7"),
     (lambda root: write_image_folder(root, {"cat": 4, "dog": 1}), 1, 0.1, "class 'dog' has 1 image"),

@@ -265,7 +265,8 @@ def test_recheck_threads_is_a_no_op_until_configured(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("explicit, env, rechecks", [(0, {}, True), (3, {}, False), (0, {"OMP_NUM_THREADS": "2"}, False)])
+@pytest.mark.parametrize("explicit, env, rechecks",
+                         [(0, {}, True), (3, {}, False), (0, {"OMP_NUM_THREADS": "2"}, False)])
 def test_configure_installs_the_recheck_only_for_auto(explicit, env, rechecks, monkeypatch):
     import torch
 

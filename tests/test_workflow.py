@@ -48,8 +48,8 @@ def test_split_train_evaluate_export(tmp_path):
 
     with LocalCluster(tmp_path / "run") as cluster:
         cluster.start_server("--model", "resnet18", "--num-classes", "3", "--workers", "2", "--max-steps", "24",
-                             "--lr", "0.01", "--momentum", "0.5", "--checkpoint-dir", str(ckpt), "--eval-data", str(shards / "val"),
-                             "--eval-every", "12", "--eval-image-size", "32")
+                             "--lr", "0.01", "--momentum", "0.5", "--checkpoint-dir", str(ckpt),
+                             "--eval-data", str(shards / "val"), "--eval-every", "12", "--eval-image-size", "32")
         for shard in (0, 1):
             cluster.start_worker(shard, "--data", str(shards), "--image-size", "32", "--batch-size", "8",
                                  "--log-every", "10")

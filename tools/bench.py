@@ -3,7 +3,7 @@
 ``ps-bench transport`` times one push+pull of the whole model through paramhub's
 own client and server, and, interleaved in the same run, a plain-socket echo of the
 same bytes (tools/socket_baseline.py). It reports both medians and their ratio,
-which is the figure DESIGN.md and BENCHMARKS.md speak in: absolute times on a
+which is the figure BENCHMARKS.md speaks in: absolute times on a
 shared machine drift from run to run, the ratio of interleaved rounds much less.
 
 ``ps-bench round`` and ``ps-bench aggregate`` (tools/bench_round.py) time a whole
@@ -38,7 +38,7 @@ NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 180.0  # a child imports torch and builds the model before it answers
 STOP_TIMEOUT_S = 10.0
-GOAL_RATIO = 1.5  # issue 6 (issue 2 asked for 2x): push+pull at most 1.5x the plain-socket round trip
+GOAL_RATIO = 1.5  # the transport goal: push+pull at most 1.5x the plain-socket round trip
 ROUND_TIMEOUT_S = 120.0  # a bench's sync round never waits longer than this for its pushes
 _READY = b"READY "
 
@@ -241,7 +241,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def transport(model, repeats, warmup, chunk_bytes, as_json):
     """Push+pull of the whole model through paramhub against a plain-socket echo of the same bytes."""
-    keep_freed_memory_resident()  # before any large allocation (DESIGN.md)
+    keep_freed_memory_resident()  # before any large allocation (common/runtime.py says why)
     setup_logging("WARNING")
     result = run_transport(model, repeats, warmup, chunk_bytes)
     click.echo(json.dumps(result) if as_json else _format_report(result))

@@ -32,8 +32,8 @@ import traceback
 
 import click
 
-ROUND_GOAL_RATIO = 2.0  # issue 6: a sync round at most twice gloo's all_reduce (4 workers, bf16)
-RSS_FIXED_MB = 300.0  # issue 6: the server's budget is model bytes x (optimizer copies + 3) + 300 MB
+ROUND_GOAL_RATIO = 2.0  # the goal: a sync round at most twice gloo's all_reduce (4 workers, bf16)
+RSS_FIXED_MB = 300.0  # the server's memory budget: model bytes x (optimizer copies + 3) + 300 MB
 START_TIMEOUT_S = 300.0  # N children each import torch (and join, or form the gloo group) on few cores
 STEP_TIMEOUT_S = 300.0  # one round, even with 8 workers on 2 busy cores, takes seconds
 IDLE_TIMEOUT_S = 900.0  # a child that hears nothing for this long gives up and exits
@@ -327,7 +327,7 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    mb = 1024 / 1e6  # /proc's kB are KiB; figures are in MB (1e6 bytes) like the issue's budget
+    mb = 1024 / 1e6  # /proc's kB are KiB; figures are in MB (1e6 bytes) like the budget above
     moved = workers * wire_nbytes  # payload bytes in each direction of a round, at the server
     split = max(1, split_rounds)
     return {

@@ -1,6 +1,6 @@
 """GPU worker throughput, alone and while exchanging with a parameter server on the same machine.
 
-The one script to run when a session is lent a GPU (issue 6)::
+The one script to run on a machine with a GPU::
 
     python -m paramhub.tools.gpu_bench                      # ResNet50, 224 px, batch 64, bf16, channels_last
     python -m paramhub.tools.gpu_bench --device cpu --model resnet18 --image-size 32 --batch-size 4 --steps 3
@@ -9,7 +9,8 @@ It measures training images/s of (a) the model alone, (b) the same loop as a
 paramhub worker: after each step the gradients go device → pinned host memory
 (asynchronously) and are pushed to a ps-server child process (async mode), and
 the new weights are pulled back, and (c) the same worker with its transfers
-overlapped with the next step (``OverlappedClient``, as ``ps-worker`` does on a GPU). Both use bf16 autocast and channels_last
+overlapped with the next step (``OverlappedClient``, as ``ps-worker`` does on a GPU). Both use bf16 autocast and
+channels_last
 activations, synthetic data resident on the device, and a warm-up before timing.
 Prints one JSON object.
 """

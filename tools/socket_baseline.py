@@ -3,8 +3,8 @@
 This is the fastest a Python process can move the model's bytes over loopback:
 both ends use preallocated buffers, ``sendall`` from a memoryview and
 ``recv_into`` a memoryview, so the only copies are the kernel's. paramhub's
-push+pull is reported as a multiple of this round trip (DESIGN.md, "Measured
-facts that shape the transport").
+push+pull is reported as a multiple of this round trip (BENCHMARKS.md,
+"Transport").
 
 One round: the client sends N bytes, the server receives all N and sends them
 back, the client receives N. Receiving everything before answering mirrors a

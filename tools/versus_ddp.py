@@ -155,7 +155,8 @@ def initial_weights(settings: Settings, classes: int, seed: int, path: pathlib.P
 
 def run_ddp(settings: Settings, split: pathlib.Path, classes: int, seed: int, scenario: str,
             work: pathlib.Path, limits: "Limits", name: str = "ddp") -> Run:
-    """Trains DDP (``name`` picks its sampler, ``DDP_RUNS``) for one seed; rank 0's models every ``eval_every`` steps."""
+    """Trains DDP (``name`` picks its sampler, ``DDP_RUNS``) for one seed; rank 0's models every ``eval_every``
+    steps."""
     from paramhub.tools.ddp import DDPSpec, launch
 
     out = work / f"{scenario}-{name}-seed{seed}"

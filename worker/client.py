@@ -263,8 +263,8 @@ class PSClient:
             for r, (indices, values) in (sparse or {}).items():
                 yield from codec.encoded_sparse_chunks(r, indices, values.to(wire.regions[r].dtype), chunk_bytes)
                 dense.remove(r)
-            on_wire = [r if r.dtype == b.dtype else b.copy_(r)
-                       for r, b in zip(regions, self._wire_buffer("push", wire))] if wire is not info.layout else regions
+            on_wire = regions if wire is info.layout else [
+                r if r.dtype == b.dtype else b.copy_(r) for r, b in zip(regions, self._wire_buffer("push", wire))]
             yield from codec.encoded_chunks(wire, on_wire, dense, chunk_bytes)
 
         deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
