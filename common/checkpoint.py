@@ -44,6 +44,31 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+RULE_PREFIX = "rule."  # optimizer state in a checkpoint's server tensors: rule.<region name>.<key>
+
+
+def rule_state_tensors(region_names: list[str],
+                       rule_state: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Optimizer state by region index, as a checkpoint's server tensors (``rule.<region name>.<key>``)."""
+    return {f"{RULE_PREFIX}{region_names[r]}.{key}": tensor
+            for r, tensors in rule_state.items() for key, tensor in tensors.items()}
+
+
+def rule_state_of(region_names: list[str], server_tensors: Mapping[str, torch.Tensor]) -> dict[int, dict]:
+    """The optimizer state a checkpoint's server tensors hold, by region index; other tensors are ignored.
+
+    Region names hold no dot (``param/float32``), so the key after the name is the state's own.
+    """
+    index = {name: r for r, name in enumerate(region_names)}
+    state: dict[int, dict] = {}
+    for key, tensor in server_tensors.items():
+        if key.startswith(RULE_PREFIX):
+            region, _, name = key[len(RULE_PREFIX):].partition(".")
+            if region in index:
+                state.setdefault(index[region], {})[name] = tensor
+    return state
+
+
 def checkpoint_path(directory: str | os.PathLike, version: int) -> pathlib.Path:
     """The file name a checkpoint of ``version`` gets in ``directory``."""
     return pathlib.Path(directory) / f"ckpt-v{version:09d}.safetensors"

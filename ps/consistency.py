@@ -87,12 +87,14 @@ class ConsistencyEngine:
         registry: the workers.
         max_versions: finish the run at this version (None: never).
         damping: scale each update by 1/(1+staleness).
+        ledger: the applied updates so far (a resumed run's); default empty.
+        metrics: where events go (the server's ServerMetrics); default nowhere.
         clock: injectable monotonic clock.
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
-                 max_versions: int | None = None, damping: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_versions: int | None = None, damping: bool = False, ledger: Ledger | None = None,
+                 metrics: MetricsHook | None = None, clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.rule = rule
         self.registry = registry
@@ -104,10 +106,10 @@ class ConsistencyEngine:
         self._buffer_regions = layout.region_indices(BUFFER)
         self._mean = WeightedMean(store.snapshot().regions)  # the next update, accumulated in place
         self._losses: list[float] = []
-        self.ledger = Ledger()
+        self.ledger = ledger or Ledger()
         self.pushes_dropped = 0
         self.last_loss = float("nan")
-        self.metrics = MetricsHook()  # the server installs ServerMetrics when metrics are on
+        self.metrics = metrics or MetricsHook()
         # set when the engine has a new deadline sooner than the Ticker's next tick (see ``due_in``)
         self.wakeup = threading.Event()
 

@@ -99,15 +99,15 @@ def _batch_share(config: ServerConfig) -> bool:
     return config.mode == "async" and config.update == "grad"  # --lr is the sync-equivalent rate by default
 
 
-def _sync_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
-    return SyncRounds(store, rule, registry, num_workers=config.workers, backup_workers=config.backup_workers,
+def _sync_engine(config: ServerConfig, store, rule, registry, **parts) -> ConsistencyEngine:
+    return SyncRounds(store, rule, registry, **parts, num_workers=config.workers, backup_workers=config.backup_workers,
                       round_timeout=config.timeouts.round, max_versions=config.max_steps,
                       damping=_damping(config), quorum=config.quorum,
                       grace=GraceWindow(k=config.grace_k) if config.quorum != "all" else None)
 
 
-def _async_engine(config: ServerConfig, store, rule, registry) -> ConsistencyEngine:
-    return AsyncEngine(store, rule, registry, staleness_bound=config.staleness,
+def _async_engine(config: ServerConfig, store, rule, registry, **parts) -> ConsistencyEngine:
+    return AsyncEngine(store, rule, registry, **parts, staleness_bound=config.staleness,
                        wait_timeout=config.timeouts.round or 300.0, max_versions=config.max_steps,
                        damping=_damping(config), batch_share=_batch_share(config))
 
@@ -167,9 +167,13 @@ class PSServer:
                                           extra={"event": "worker_lost", "worker": r.name, "worker_id": r.worker_id,
                                                  "lease_s": config.timeouts.lease}),
             max_live=config.max_live_workers, keep_departed=config.keep_departed)
-        self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry)
+        # /metrics and the status page both read one ServerMetrics; with neither, events go to a no-op.
+        self.metrics = (ServerMetrics(self.registry, lambda: self.store.version)
+                        if config.metrics_port is not None or config.http_port is not None else MetricsHook())
+        self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry,
+                                           ledger=Ledger.from_tensors(resumed.server_state) if resumed else None,
+                                           metrics=self.metrics)
         if resumed:
-            self.engine.ledger = Ledger.from_tensors(resumed.server_state)
             # ids of workers the old process forgot still hold ledger entries: never hand them out again
             self.registry.restore(resumed.workers,
                                   first_free_id=max(self.engine.ledger.applied_per_worker, default=0) + 1)
@@ -199,6 +203,7 @@ class PSServer:
             screen=UpdateScreen(self.layout.region_indices(PARAM), max_abs=config.max_update_abs,
                                 clip=NormClip(config.clip_factor) if config.clip_factor else None),
             limits=StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer),
+            metrics=self.metrics,
         )
         self._health = health.HealthServicer()
         self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
@@ -222,10 +227,6 @@ class PSServer:
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         self.evaluator = self._evaluator(config)
         self._ticker = Ticker(self.engine)
-        # /metrics and the status page both read one ServerMetrics; with neither, events go to a no-op.
-        self.metrics = (ServerMetrics(self.registry, lambda: self.store.version)
-                        if config.metrics_port is not None or config.http_port is not None else MetricsHook())
-        self.engine.metrics = self.servicer.metrics = self.metrics
         self._status_page = StatusPage(lambda: run_status(self)) if config.http_port is not None else None
         self.metrics_port: int | None = None  # bound ports of the HTTP endpoints that are on
         self.http_port: int | None = None
@@ -269,12 +270,7 @@ class PSServer:
             except (checkpoint.CheckpointError, LayoutError) as exc:
                 log.error("skipping checkpoint: %s", exc)
                 continue
-            names = {region.name: r for r, region in enumerate(self.layout.regions)}
-            rule_state: dict[int, dict] = {}
-            for key, tensor in server_state.items():
-                _, region_name, name = key.split(".", 2) if key.startswith("rule.") else (None, None, None)
-                if region_name in names:
-                    rule_state.setdefault(names[region_name], {})[name] = tensor
+            rule_state = checkpoint.rule_state_of([region.name for region in self.layout.regions], server_state)
             log.info("resuming from %s at version %d", path, meta["version"])
             store = ParameterStore(self.layout, regions, version=meta["version"], rule_state=rule_state)
             return Resumed(store, server_state, meta.get("workers", []))
@@ -346,8 +342,8 @@ class PSServer:
         with contextlib.ExitStack() as stack:
             with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
                 snap = stack.enter_context(self.store.reading())  # the weights stay untouched until written
-                server_state = {f"rule.{self.layout.regions[r].name}.{key}": t
-                                for r, tensors in self.store.rule_state_copy().items() for key, t in tensors.items()}
+                server_state = checkpoint.rule_state_tensors([region.name for region in self.layout.regions],
+                                                             self.store.rule_state_copy())
                 server_state.update(self.engine.ledger.to_tensors())
                 workers = self.registry.export()
             path = checkpoint.save_checkpoint(

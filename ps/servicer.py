@@ -74,13 +74,15 @@ class ParameterServerServicer:
         limits: how many Push and Pull streams may be open at once (in all, per peer); default unlimited.
         stall_s: a stream that makes no progress this long is cancelled (``StallGuard``).
         screen: what a push's values may be and how it counts (default: bounded values, no clipping).
+        metrics: where events go (the server's ServerMetrics); default nowhere.
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1,
-                 screen: UpdateScreen | None = None, limits: StreamLimits | None = None):
+                 screen: UpdateScreen | None = None, limits: StreamLimits | None = None,
+                 metrics: MetricsHook | None = None):
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -95,7 +97,7 @@ class ParameterServerServicer:
         self.epoch = uuid.uuid4().hex[:12]
         self.pushes_rejected = 0
         self._rejected_lock = threading.Lock()
-        self.metrics = MetricsHook()  # the server installs ServerMetrics when metrics are on
+        self.metrics = metrics or MetricsHook()
         self.accepting = True
         self._layout_proto = self.layout.to_proto()
         self._frozen = frozen

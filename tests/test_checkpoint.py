@@ -156,3 +156,17 @@ def test_corrupt_checkpoint(tmp_path, damage):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+
+
+def test_the_optimizer_state_schema_round_trips_and_ignores_other_tensors():
+    from paramhub.common.checkpoint import rule_state_of, rule_state_tensors
+
+    names = ["param/float32", "buffer/float32"]
+    state = {0: {"momentum_buffer": torch.ones(3), "step": torch.tensor(4)}}
+    tensors = rule_state_tensors(names, state)
+    assert sorted(tensors) == ["rule.param/float32.momentum_buffer", "rule.param/float32.step"]
+    tensors["ledger.rows"] = torch.zeros(2)  # the ledger's own tensors sit beside them
+    tensors["rule.gone/float16.momentum_buffer"] = torch.zeros(1)  # a region this layout does not have
+    back = rule_state_of(names, tensors)
+    assert list(back) == [0] and sorted(back[0]) == ["momentum_buffer", "step"]
+    assert torch.equal(back[0]["momentum_buffer"], state[0]["momentum_buffer"])
