@@ -26,7 +26,8 @@ from paramhub.common.evaluation import (BEST_MODEL, PRECISE_BN_BATCHES, BestMode
                                         evaluate_precise, evaluation_dataset, frozen_batchnorm_names)
 from paramhub.common.layout import Layout, bind_model
 from paramhub.common.models import build_model
-from paramhub.worker.client import JoinInfo, PSClient, RunFailed, ServerRestarted
+from paramhub.worker.client import JoinInfo, RunFailed, ServerRestarted
+from paramhub.worker.interface import ParameterClient
 from paramhub.worker.trainer import check_layout, load_frozen, resolve_device
 
 log = logging.getLogger("paramhub.worker")
@@ -66,11 +67,11 @@ class Evaluator:
 
     Args:
         config: the evaluator's settings.
-        client: a connected (not yet joined) PSClient.
+        client: a connected, not yet joined ParameterClient.
         stop: set it to end the loop after the current step (SIGTERM, tests).
     """
 
-    def __init__(self, config: EvalConfig, client: PSClient, stop: threading.Event | None = None):
+    def __init__(self, config: EvalConfig, client: ParameterClient, stop: threading.Event | None = None):
         self.config = config
         self.client = client
         self.stop = stop or threading.Event()
@@ -226,7 +227,7 @@ class FinalVersion:
         layout: the server's layout.
     """
 
-    def __init__(self, client: PSClient, layout: Layout):
+    def __init__(self, client: ParameterClient, layout: Layout):
         self.layout = layout
         self.regions: list[torch.Tensor] = []  # allocated by start(): --once needs no second copy
         self.header = None  # the final version's header, once ``regions`` hold it

@@ -73,13 +73,43 @@ class OverlappedClient:
         self._unreported: pb.PushResponse | None = None  # a collected reply the trainer has not seen
         self._version = 0
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)  # join's info, heartbeat, status, pull_frozen, close, ...
+    # -- what passes straight through (ParameterClient) ---------------------------------
 
-    def join(self, *args, **kwargs):
+    @property
+    def address(self) -> str:
+        return self.inner.address
+
+    @property
+    def info(self):
+        """The inner client's JoinInfo."""
+        return self.inner.info
+
+    def pull(self, regions: list[torch.Tensor], min_version: int = 0) -> pb.PullHeader:
+        """A plain pull, outside the overlap (nothing prefetched is used or dropped)."""
+        return self.inner.pull(regions, min_version)
+
+    def pull_frozen(self, regions: list[torch.Tensor]) -> pb.PullHeader:
+        return self.inner.pull_frozen(regions)
+
+    def heartbeat(self):
+        return self.inner.heartbeat()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.inner.close()
+
+    def __enter__(self) -> "OverlappedClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what overlaps -------------------------------------------------------------------
+
+    def join(self, name: str = "", shard: int = -1, observer: bool = False, incarnation: int | None = None):
         """Joins (again): anything in flight belonged to the old session and is dropped."""
         self._drop_in_flight()
-        info = self.inner.join(*args, **kwargs)
+        info = self.inner.join(name, shard, observer, incarnation)
         self._version = info.version
         return info
 

@@ -26,7 +26,8 @@ from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import recheck_threads
-from paramhub.worker.client import PSClient, RunFailed, ServerRestarted
+from paramhub.worker.client import RunFailed, ServerRestarted
+from paramhub.worker.interface import ParameterClient
 from paramhub.worker.compression import TopKErrorFeedback
 from paramhub.worker.overlap import OverlappedClient, overlap_refusal
 
@@ -69,7 +70,7 @@ def endless(loader: DataLoader, epochs: int | None = None) -> Iterator[tuple[tor
 class Heartbeat:
     """Renews the worker's lease on a daemon thread."""
 
-    def __init__(self, client: PSClient, interval: float):
+    def __init__(self, client: ParameterClient, interval: float):
         self._client = client
         self._interval = max(0.1, interval)
         self._stop = threading.Event()
@@ -223,7 +224,7 @@ def train_mode(model: nn.Module, frozen_modules: list[nn.Module]) -> None:
         module.eval()
 
 
-def load_frozen(client, model: nn.Module, info) -> None:
+def load_frozen(client: ParameterClient, model: nn.Module, info) -> None:
     """Pulls the tensors a frozen-backbone run never changes (once) into ``model``."""
     check_layout(model, info.frozen_layout, info.model.arch)
     regions = info.frozen_layout.empty_regions()
@@ -239,10 +240,10 @@ class Trainer:
 
     Args:
         config: the worker's settings.
-        client: a connected (not yet joined) PSClient.
+        client: a connected, not yet joined ParameterClient (PSClient, or PartitionedClient over partitions).
     """
 
-    def __init__(self, config: WorkerConfig, client: PSClient):
+    def __init__(self, config: WorkerConfig, client: ParameterClient):
         self.config = config
         self.client = client
 
