@@ -70,6 +70,22 @@ class PushResult:
     base_kept: bool = False  # a keeps_base push whose base still counts as pending (SSP)
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """The run's progress in one consistent cut: what Status and the status page both show."""
+
+    version: int
+    done: bool
+    staleness_histogram: dict[int, int]  # staleness -> applied pushes
+    applied_per_worker: dict[int, int]  # worker id -> applied pushes
+    pushes_dropped: int
+    last_loss: float  # mean loss of the last applied update (NaN before any)
+
+    @property
+    def pushes_applied(self) -> int:
+        return sum(self.staleness_histogram.values())
+
+
 def damping_scale(staleness: int) -> float:
     """Staleness-aware damping: an update ``staleness`` versions old counts 1/(1+staleness)."""
     return 1.0 / (1.0 + staleness)
@@ -162,6 +178,13 @@ class ConsistencyEngine:
         if record.last_sequence != sequence:
             raise Unavailable(f"push {sequence} of {record.name} failed; send it again")
         return record.last_reply
+
+    def progress(self) -> Progress:
+        """Version, ledger summary and counters, taken together under the store's lock."""
+        with self.store.lock:
+            snap = self.store.snapshot()
+            return Progress(snap.version, snap.done, dict(self.ledger.staleness_histogram),
+                            dict(self.ledger.applied_per_worker), self.pushes_dropped, self.last_loss)
 
     def on_pull(self, worker_id: int, version: int) -> None:
         """A worker is about to receive ``version`` (its next push will be based on it)."""

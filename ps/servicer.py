@@ -142,10 +142,8 @@ class ParameterServerServicer:
 
     @_abort_on_error
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
-        snap = self.store.snapshot()
-        with self.store.lock:
-            histogram = dict(self.engine.ledger.staleness_histogram)
-            applied = dict(self.engine.ledger.applied_per_worker)
+        progress = self.engine.progress()
+        histogram, applied = progress.staleness_histogram, progress.applied_per_worker
         roster = self.registry.roster()
         workers = [
             pb.WorkerStatus(
@@ -158,12 +156,12 @@ class ParameterServerServicer:
         ]
         listed = fit_in_message(workers, self.chunk_bytes // 2)  # the rest of the reply is a few KB at most
         return pb.StatusResponse(
-            version=snap.version, mode=self.run_spec.mode, update=self.run_spec.update, done=snap.done,
+            version=progress.version, mode=self.run_spec.mode, update=self.run_spec.update, done=progress.done,
             workers=workers[:listed], round_pushes=self.engine.round_pushes,
-            pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=self.engine.last_loss,
+            pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=progress.last_loss,
             staleness_histogram=[pb.StalenessCount(staleness=k, count=v) for k, v in sorted(histogram.items())],
             max_staleness=max(histogram, default=0), staleness_bound=self.run_spec.staleness_bound,
-            pushes_applied=sum(histogram.values()),
+            pushes_applied=progress.pushes_applied,
             live_workers=len(roster.live), departed_workers=len(roster.departed) + roster.forgotten,
             workers_not_listed=len(workers) - listed + roster.forgotten,
         )

@@ -31,10 +31,8 @@ def run_status(server) -> dict:
     Args:
         server: a started ``PSServer`` whose ``metrics`` is a ``ServerMetrics``.
     """
-    snap = server.store.snapshot()
-    with server.store.lock:  # the engine writes the ledger under this lock
-        histogram = dict(server.engine.ledger.staleness_histogram)
-        applied = dict(server.engine.ledger.applied_per_worker)
+    progress = server.engine.progress()  # the cut Status shows too
+    histogram, applied = progress.staleness_histogram, progress.applied_per_worker
     metrics = server.metrics
     rates = metrics.rates()
     last_staleness = metrics.staleness_by_worker()
@@ -56,18 +54,18 @@ def run_status(server) -> dict:
     bound = server.servicer.run_spec.staleness_bound
     return {
         "time": time.time(),
-        "version": snap.version,
-        "done": snap.done,
+        "version": progress.version,
+        "done": progress.done,
         "mode": server.config.mode,
         "update": server.config.update,
         "workers_expected": server.config.workers,
         "staleness_bound": None if bound < 0 else bound,  # None: unbounded async
         "pushes_per_second": sum(p for p, _ in rates.values()),
         "samples_per_second": sum(s for _, s in rates.values()),
-        "pushes_applied": sum(histogram.values()),
-        "pushes_dropped": server.engine.pushes_dropped,
+        "pushes_applied": progress.pushes_applied,
+        "pushes_dropped": progress.pushes_dropped,
         "pushes_rejected": server.servicer.pushes_rejected,
-        "last_loss": _finite(server.engine.last_loss),
+        "last_loss": _finite(progress.last_loss),
         "staleness_histogram": [[staleness, count] for staleness, count in sorted(histogram.items())],
         "workers": workers,
         "departed_workers": len(roster.departed) + roster.forgotten,
