@@ -18,6 +18,19 @@ PRECISE_BN_BATCHES = 20  # --precise-bn-batches: batches of training images to r
 RESERVED_THREADS = 8
 
 
+UNBOUNDED = -1  # RunSpec.staleness_bound of an async run without a bound (protobuf has no None)
+
+
+def staleness_bound_on_wire(bound: int | None) -> int:
+    """The staleness bound as RunSpec carries it: ``UNBOUNDED`` for None (async without a bound)."""
+    return UNBOUNDED if bound is None else bound
+
+
+def staleness_bound_from_wire(value: int) -> int | None:
+    """RunSpec's staleness bound back as Python's: None when unbounded."""
+    return None if value < 0 else value
+
+
 @dataclasses.dataclass(frozen=True)
 class Timeouts:
     """Every wait has a bound. Seconds."""
@@ -134,6 +147,11 @@ class ServerConfig:
         """Handler threads that calls waiting for their request message and open streams may hold together:
         all but half of the reserved ones, which stay for calls that have their request (ps/request_gate.py)."""
         return self.rpc_threads - RESERVED_THREADS // 2
+
+    @property
+    def staleness_bound(self) -> int | None:
+        """The bound the run keeps: --staleness in async mode (None: unbounded), 0 in sync mode (rounds)."""
+        return self.staleness if self.mode == "async" else 0
 
     def __post_init__(self):
         """Cross-field checks (ValueError, naming the flags), so every way of building a config gets them."""

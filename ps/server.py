@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramhub.common import checkpoint, codec
-from paramhub.common.config import ServerConfig
+from paramhub.common.config import ServerConfig, staleness_bound_on_wire
 from paramhub.common.layout import DTYPE_TO_WIRE, PARAM, Layout, LayoutError, partition_names
 from paramhub.common.models import InitialState, initial_state
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -189,8 +189,7 @@ class PSServer:
                        heartbeat_interval_s=min(config.timeouts.heartbeat, config.timeouts.lease / 3),
                        local_lr=config.local_lr,
                        local_momentum=config.local_momentum,
-                       staleness_bound=-1 if config.mode == "async" and config.staleness is None
-                       else (config.staleness or 0),
+                       staleness_bound=staleness_bound_on_wire(config.staleness_bound),
                        max_push_wait_s=config.timeouts.round or 300.0,
                        wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]],
                        partition=config.partition[0], num_partitions=config.partition[1],

@@ -51,7 +51,6 @@ def run_status(server) -> dict:
         })
     accuracy = {"version": [e["version"] for e in evaluations]}
     accuracy.update({key: [_finite(e.get(key)) for e in evaluations] for key in ("time", "top1", "top5", "loss")})
-    bound = server.servicer.run_spec.staleness_bound
     return {
         "time": time.time(),
         "version": progress.version,
@@ -59,7 +58,7 @@ def run_status(server) -> dict:
         "mode": server.config.mode,
         "update": server.config.update,
         "workers_expected": server.config.workers,
-        "staleness_bound": None if bound < 0 else bound,  # None: unbounded async
+        "staleness_bound": server.config.staleness_bound,  # None: unbounded async
         "pushes_per_second": sum(p for p, _ in rates.values()),
         "samples_per_second": sum(s for _, s in rates.values()),
         "pushes_applied": progress.pushes_applied,

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
                                         write_atomically)
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.config import PRECISE_BN_BATCHES
+from paramhub.common.config import PRECISE_BN_BATCHES, staleness_bound_from_wire
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import secure_channel
@@ -209,7 +209,8 @@ def health(address, service, timeout, **security):
 
 def status_table(status: pb.StatusResponse) -> str:
     """The server's status as text tables: the run, its workers, the staleness histogram."""
-    bound = {-1: "unbounded"}.get(status.staleness_bound, str(status.staleness_bound))
+    bound = staleness_bound_from_wire(status.staleness_bound)
+    bound = "unbounded" if bound is None else str(bound)
     lines = [f"version {status.version}  mode {status.mode}/{status.update}  staleness bound {bound}  "
              f"{'DONE' if status.done else 'running'}  epoch {status.server_epoch}",
              f"pushes applied {status.pushes_applied}, rejected {status.pushes_rejected}; "

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from paramhub.common.config import WorkerConfig
+from paramhub.common.config import WorkerConfig, staleness_bound_from_wire
 from paramhub.common.data import seed_augmentation, shard_loader, training_shard
 from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
@@ -270,8 +270,8 @@ class Trainer:
         overlap = cfg.overlap if cfg.overlap is not None else on_cuda
         refusal = overlap_refusal(info.run)
         if overlap and not refusal:
-            bound = info.run.staleness_bound
-            self.client = OverlappedClient(self.client, layout, staleness_bound=None if bound < 0 else bound)
+            self.client = OverlappedClient(self.client, layout,
+                                           staleness_bound=staleness_bound_from_wire(info.run.staleness_bound))
         elif cfg.overlap:
             log.warning("[worker %d] --overlap has no effect: %s", cfg.shard, refusal)
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
