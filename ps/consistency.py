@@ -179,6 +179,16 @@ class ConsistencyEngine:
             raise Unavailable(f"push {sequence} of {record.name} failed; send it again")
         return record.last_reply
 
+    def stored_reply(self, worker_id: int, incarnation: int, sequence: int) -> PushResult | None:
+        """The reply of an applied push when ``sequence`` repeats it (a retry), else None.
+
+        Asked before a push's chunks are received, so a retry costs no validation;
+        the dedup memory is read under the lock ``submit`` writes it under.
+        """
+        with self.store.lock:
+            record = self.registry.get(worker_id, incarnation)
+            return record.last_reply if sequence == record.last_sequence else None
+
     def progress(self) -> Progress:
         """Version, ledger summary and counters, taken together under the store's lock."""
         with self.store.lock:

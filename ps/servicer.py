@@ -247,10 +247,11 @@ class ParameterServerServicer:
         if record.observer:
             raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
         self._check_header(header)
-        if header.sequence == record.last_sequence and record.last_reply is not None:
+        replayed = self.engine.stored_reply(header.worker_id, header.incarnation, header.sequence)
+        if replayed is not None:
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
                 pass
-            return self._response(record.last_reply)
+            return self._response(replayed)
         ticket = self._admission.admit()
         try:
             return self._receive_and_submit(header, record, messages, parked=lambda: self._admission.leave(ticket))
