@@ -35,27 +35,35 @@ GRAD = pb.PUSH_KIND_GRADIENT
 QUICK_S = 1.0  # health and Status must answer within this under the attack (they take milliseconds idle)
 
 
-class SilentStreams:
-    """``n`` raw Push streams that send nothing, or one header, and then nothing until closed."""
+PUSH = "/paramhub.v1.ParameterServer/Push"
+# unary-request methods: a stock client can open them as request streams that never yield
+SILENT_METHODS = ("/paramhub.v1.ParameterServer/Pull", "/paramhub.v1.ParameterServer/Status",
+                  "/grpc.health.v1.Health/Check")
 
-    def __init__(self, address: str, n: int, header: pb.PushMessage | None = None):
+
+class SilentCalls:
+    """``n`` raw calls (of ``methods`` in turn) that send nothing, or one ``first`` message, then nothing."""
+
+    def __init__(self, address: str, n: int, methods: tuple[str, ...] = (PUSH,), first: pb.PushMessage | None = None):
         self._release = threading.Event()
         self._channel = grpc.insecure_channel(address)
-        push = self._channel.stream_unary("/paramhub.v1.ParameterServer/Push", request_serializer=codec.encode_message,
-                                          response_deserializer=pb.PushResponse.FromString)
-        self.calls = [push.future(self._messages(header), timeout=60) for _ in range(n)]
+        self.calls = [self._channel.stream_unary(methods[i % len(methods)], request_serializer=codec.encode_message)
+                      .future(self._messages(first), timeout=60) for i in range(n)]
 
-    def _messages(self, header):
-        if header is not None:
-            yield header
+    def _messages(self, first):
+        if first is not None:
+            yield first
         self._release.wait(60)  # never ends on its own within a test
 
-    def refused(self) -> list[grpc.RpcError]:
-        """The calls that have ended (the server refused them)."""
+    def ended(self) -> list[grpc.RpcError]:
+        """The calls that have ended (refused or cancelled by the server)."""
         return [call.exception() for call in self.calls if call.done()]
 
     def open(self) -> int:
         return sum(not call.done() for call in self.calls)
+
+    def codes(self) -> collections.Counter:
+        return collections.Counter(e.code() for e in self.ended())
 
     def close(self) -> None:
         for call in self.calls:
@@ -65,17 +73,16 @@ class SilentStreams:
 
 
 @pytest.fixture
-def silent_streams():
+def silent_calls():
     opened = []
 
-    def open_streams(address: str, n: int, header=None) -> SilentStreams:
-        streams = SilentStreams(address, n, header)
-        opened.append(streams)
-        return streams
+    def open_calls(address: str, n: int, methods: tuple[str, ...] = (PUSH,), first=None) -> SilentCalls:
+        opened.append(SilentCalls(address, n, methods, first))
+        return opened[-1]
 
-    yield open_streams
-    for streams in opened:
-        streams.close()
+    yield open_calls
+    for calls in opened:
+        calls.close()
 
 
 def timed(call) -> float:
@@ -124,19 +131,19 @@ def push_in_thread(client: PSClient, gradient: list) -> tuple[threading.Thread, 
 
 
 def test_100_silent_pushes_leave_health_and_status_quick_and_a_real_push_gets_in(start_server, connect,
-                                                                                 silent_streams):
+                                                                                 silent_calls):
     """Default limits: one host may hold 64 streams; the other 36 are refused at once, threads stay free."""
     server = start_server(lr=1.0, timeouts=fast_timeouts(connect=20))
     limits = server.servicer.limits
-    attack = silent_streams(f"127.0.0.1:{server.port}", 100)  # no header: nothing at all
-    wait_for(lambda: limits.open == 64 and len(attack.refused()) == 36, what="64 held, 36 refused")
+    attack = silent_calls(f"127.0.0.1:{server.port}", 100)  # no header: nothing at all
+    wait_for(lambda: limits.open == 64 and len(attack.ended()) == 36, what="64 held, 36 refused")
 
     check_s, status_s = health_and_status_seconds(server.port)
     client = connect(server.port, connect=20)
     join_s = timed(lambda: client.join("w"))
     assert attack.open() == 64, "the attack must still hold its streams while we measure"
     assert max(check_s, status_s, join_s) < QUICK_S, (check_s, status_s, join_s)
-    error = attack.refused()[0]
+    error = attack.ended()[0]
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-peer" in error.details()
     assert dict(error.trailing_metadata())[PUSHBACK_KEY] == "1000"
 
@@ -156,20 +163,20 @@ def test_100_silent_pushes_leave_health_and_status_quick_and_a_real_push_gets_in
 
 
 def test_the_total_limit_keeps_threads_for_unary_calls_against_pushes_that_stop_after_the_header(
-        start_server, connect, silent_streams):
+        start_server, connect, silent_calls):
     server = start_server(rpc_threads=16, max_open_streams=8, max_streams_per_peer=100, metrics_port=0)
     limits = server.servicer.limits
     client = connect(server.port)
     client.join("w")
-    attack = silent_streams(f"127.0.0.1:{server.port}", 100, header=push_header(client))
-    wait_for(lambda: limits.open == 8 and len(attack.refused()) == 92, what="8 held, 92 refused")
+    attack = silent_calls(f"127.0.0.1:{server.port}", 100, first=push_header(client))
+    wait_for(lambda: limits.open == 8 and len(attack.ended()) == 92, what="8 held, 92 refused")
 
     check_s, status_s = health_and_status_seconds(server.port)
     heartbeat_s = timed(client.heartbeat)
     assert attack.open() == 8
     assert max(check_s, status_s, heartbeat_s) < QUICK_S, (check_s, status_s, heartbeat_s)
-    assert {e.code() for e in attack.refused()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert all("--max-open-streams" in e.details() for e in attack.refused())
+    assert {e.code() for e in attack.ended()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all("--max-open-streams" in e.details() for e in attack.ended())
     assert refused_streams_metric(server.metrics_port) == {"total": 92}
     attack.close()
     wait_for(lambda: limits.open == 0, what="every slot back")
@@ -177,7 +184,7 @@ def test_the_total_limit_keeps_threads_for_unary_calls_against_pushes_that_stop_
 
 
 @pytest.mark.parametrize("protected", [True, False], ids=["with-limits", "without-limits"])
-def test_without_the_limits_the_same_attack_starves_health(start_server, silent_streams, protected):
+def test_without_the_limits_the_same_attack_starves_health(start_server, silent_calls, protected):
     """The negative control: limits raised to the thread count, 12 silent streams take all 12 threads.
 
     Then health checks wait in the pool's queue until the stall guard (2 s here)
@@ -188,7 +195,7 @@ def test_without_the_limits_the_same_attack_starves_health(start_server, silent_
         # Deliberately broken: no config may leave streams every thread (ServerConfig refuses it).
         server.servicer.limits = StreamLimits(total=12, per_peer=12)
     held = server.servicer.limits.total
-    attack = silent_streams(f"127.0.0.1:{server.port}", 12)
+    attack = silent_calls(f"127.0.0.1:{server.port}", 12)
     wait_for(lambda: server.servicer.limits.open == held and attack.open() == held, what="the attack in place")
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         def check():
@@ -200,7 +207,7 @@ def test_without_the_limits_the_same_attack_starves_health(start_server, silent_
                 check()
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: attack.open() == 0, timeout=10, what="the stall guard to cancel the attack")
-    codes = collections.Counter(e.code() for e in attack.refused())
+    codes = collections.Counter(e.code() for e in attack.ended())
     assert codes == ({grpc.StatusCode.RESOURCE_EXHAUSTED: 8, grpc.StatusCode.CANCELLED: 4} if protected
                      else {grpc.StatusCode.CANCELLED: 12})
     wait_for(lambda: server.servicer.limits.open == 0, what="every slot back")
@@ -217,12 +224,12 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) here: cannot make a second peer address")
-def test_a_host_at_its_limit_does_not_hold_back_another_host(start_server, silent_streams):
+def test_a_host_at_its_limit_does_not_hold_back_another_host(start_server, silent_calls):
     """127.0.0.1 and ::1 are two peers of a server on localhost: the attack from one, the worker from the other."""
     server = start_server(host="localhost", max_streams_per_peer=4, lr=1.0)
     limits = server.servicer.limits
-    attack = silent_streams(f"127.0.0.1:{server.port}", 20)
-    wait_for(lambda: limits.open == 4 and len(attack.refused()) == 16, what="4 held, 16 refused")
+    attack = silent_calls(f"127.0.0.1:{server.port}", 20)
+    wait_for(lambda: limits.open == 4 and len(attack.ended()) == 16, what="4 held, 16 refused")
     with PSClient(f"[::1]:{server.port}", fast_timeouts()) as client:
         client.join("w")
         w0 = server.store.snapshot().regions[0].clone()
@@ -236,9 +243,9 @@ def test_a_host_at_its_limit_does_not_hold_back_another_host(start_server, silen
 
 
 def test_a_client_refused_for_longer_than_its_connect_timeout_gives_up_naming_the_cause(start_server, connect,
-                                                                                      silent_streams):
+                                                                                      silent_calls):
     server = start_server(max_streams_per_peer=1, timeouts=fast_timeouts(stall=60))
-    attack = silent_streams(f"127.0.0.1:{server.port}", 1)
+    attack = silent_calls(f"127.0.0.1:{server.port}", 1)
     wait_for(lambda: server.servicer.limits.open == 1, what="the slot taken")
     client = connect(server.port, connect=2.5)
     client.join("w")
@@ -296,58 +303,6 @@ def test_a_pull_waiting_for_a_new_version_is_not_a_stall(start_server, connect):
     assert server.servicer.limits.refused == {}
 
 
-SILENT_METHODS = ("/paramhub.v1.ParameterServer/Pull", "/paramhub.v1.ParameterServer/Status",
-                  "/grpc.health.v1.Health/Check")
-
-
-class SilentCalls:
-    """``n`` raw calls of unary-request methods (Pull, Status, health's Check in turn) that never send their request.
-
-    A stock client can do this: a request-streaming call on a unary method, its request iterator never yielding.
-    """
-
-    def __init__(self, address: str, n: int):
-        self._release = threading.Event()
-        self._channel = grpc.insecure_channel(address)
-        self.calls = [self._channel.stream_unary(SILENT_METHODS[i % len(SILENT_METHODS)]).future(
-            self._nothing(), timeout=30) for i in range(n)]
-
-    def _nothing(self):
-        self._release.wait(30)  # never ends on its own within a test
-        return
-        yield
-
-    def ended(self) -> list[grpc.RpcError]:
-        """The calls that have ended (refused or cancelled by the server)."""
-        return [call.exception() for call in self.calls if call.done()]
-
-    def open(self) -> int:
-        return sum(not call.done() for call in self.calls)
-
-    def codes(self) -> collections.Counter:
-        return collections.Counter(e.code() for e in self.ended())
-
-    def close(self) -> None:
-        for call in self.calls:
-            call.cancel()
-        self._release.set()
-        self._channel.close()
-
-
-@pytest.fixture
-def silent_calls():
-    opened = []
-
-    def open_calls(address: str, n: int) -> SilentCalls:
-        calls = SilentCalls(address, n)
-        opened.append(calls)
-        return calls
-
-    yield open_calls
-    for calls in opened:
-        calls.close()
-
-
 def without_the_gate(monkeypatch) -> None:
     """Deliberately broken: the gate passes every handler through, so grpc reads unary requests itself."""
     monkeypatch.setattr(RequestGate, "intercept_service", lambda self, continuation, details: continuation(details))
@@ -372,7 +327,7 @@ def test_calls_that_never_send_their_request_message_do_not_starve_health(start_
     earlier = handler_threads()  # of servers of earlier tests: grpc leaves their pools alive
     server = start_server(rpc_threads=12, timeouts=fast_timeouts(stall=60, request=20))
     waits = server.request_waits
-    attack = silent_calls(f"127.0.0.1:{server.port}", 16)
+    attack = silent_calls(f"127.0.0.1:{server.port}", 16, SILENT_METHODS)
     if not protected:
         # the pool starts a thread only when all of its threads are busy: 12 means the calls hold them all
         wait_for(lambda: len(handler_threads() - earlier) == 12, timeout=10,
@@ -409,7 +364,7 @@ def test_another_host_is_served_while_one_host_holds_its_places_until_the_reques
     server = start_server(host="localhost", rpc_threads=12, timeouts=fast_timeouts(stall=60, request=2.0))
     waits = server.request_waits
     opened = time.monotonic()
-    attack = silent_calls(f"127.0.0.1:{server.port}", 16)
+    attack = silent_calls(f"127.0.0.1:{server.port}", 16, SILENT_METHODS)
     wait_for(lambda: waits.waiting == 4 and len(attack.ended()) == 12, what="4 waiting, 12 refused")
     check_s, status_s = health_and_status_seconds(server.port, host="[::1]")
     with PSClient(f"[::1]:{server.port}", fast_timeouts()) as client:

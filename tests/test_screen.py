@@ -228,9 +228,8 @@ def test_ps_server_exits_1_naming_the_cause_when_the_run_diverges(tmp_path):
     import os
     import subprocess
     import sys
-    import time
 
-    from conftest import fast_timeouts
+    from conftest import fast_timeouts, wait_for
     from paramhub.worker.client import PSClient
 
     port_file = tmp_path / "port"
@@ -239,9 +238,7 @@ def test_ps_server_exits_1_naming_the_cause_when_the_run_diverges(tmp_path):
                                "--momentum", "0"], stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() and time.monotonic() < deadline and server.poll() is None:
-            time.sleep(0.05)
+        wait_for(lambda: port_file.exists() or server.poll() is not None, 30, "ps-server to listen")
         with PSClient(f"127.0.0.1:{int(port_file.read_text())}", fast_timeouts()) as client:
             client.join("a")
             zero = [torch.zeros(client.info.layout.regions[0].numel)]
