@@ -344,38 +344,21 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
                         module=__name__)
 
 
-def _values(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+def view_values(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """The received bytes ``data`` as a flat tensor of ``dtype``, without a copy (read it only)."""
     # The payload sits wherever the message put it, possibly unaligned for ``dtype``: x86-64
     # and arm64 CPU kernels load unaligned data (tests cover fp32, bf16, fp16 and int64).
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8)).view(dtype)
 
 
-class PieceCollector(_ChunksInOrder):
-    """A push's receiver: checks a stream of chunks like ``RegionAssembler`` but copies nothing.
-
-    Each chunk becomes a ``Piece`` viewing the received bytes, checked for NaN,
-    infinity and magnitudes above ``max_abs`` while it is still in the cache; the
-    engine later adds the pieces to its sums, so the push's bytes are read once
-    after they arrive.
-    """
-
-    def __init__(self, layout: Layout, region_ids: list[int], max_abs: float = math.inf):
-        super().__init__(layout, region_ids)
-        self._max_abs = max_abs
-        self.pieces: list[Piece] = []
-
-    def add(self, chunk: Chunk) -> None:
-        """Checks one chunk and keeps a view of its payload."""
-        r, start = self._place(chunk)
-        dtype = self._layout.regions[r].dtype
-        values = _values(chunk.data, dtype)
-        check_values(values, self._max_abs)
-        self.pieces.append(Piece(r, values, start // dtype_size(dtype)))
-
-
-# -- sparse updates (top-k) ------------------------------------------------------------
+# -- sparse chunks ----------------------------------------------------------------------
 
 SPARSE_INDEX_DTYPE = torch.int32  # sent as little-endian uint32: regions stay below 2**31 elements
+
+
+def encode_sparse_chunk(region: int, indices: bytes, data: bytes) -> bytes:
+    """The serialized ``PushMessage`` carrying one sparse chunk (uint32 ``indices``, the codec's ``data``)."""
+    return pb.PushMessage(chunk=pb.TensorChunk(region=region, data=data, indices=indices)).SerializeToString()
 
 
 def encoded_sparse_chunks(region: int, indices: torch.Tensor, values: torch.Tensor,
@@ -385,48 +368,7 @@ def encoded_sparse_chunks(region: int, indices: torch.Tensor, values: torch.Tens
     for start in range(0, len(indices), per_chunk):
         idx = indices[start : start + per_chunk].to(SPARSE_INDEX_DTYPE).numpy().tobytes()
         val = region_bytes(values[start : start + per_chunk].contiguous()).tobytes()
-        yield pb.PushMessage(chunk=pb.TensorChunk(region=region, data=val, indices=idx)).SerializeToString()
-
-
-class SparseCollector:
-    """Checks sparse chunks (indices and sizes) and keeps them as pieces.
-
-    Indices must be strictly increasing within a region (so no element is set
-    twice) and inside it; each chunk needs as many values as indices.
-    """
-
-    def __init__(self, layout: Layout, region_ids: list[int], max_abs: float = math.inf):
-        self._layout = layout
-        self._allowed = set(region_ids)
-        self._max_abs = max_abs
-        self._last: dict[int, int] = {}
-        self.pieces: list[Piece] = []
-        self.values = 0  # pairs received so far
-
-    def add(self, chunk: Chunk) -> None:
-        """Checks one sparse chunk and keeps its indices and values."""
-        r = chunk.region
-        if r not in self._allowed:
-            raise MalformedMessage(f"sparse chunk for region {r}, which does not take sparse updates")
-        spec = self._layout.regions[r]
-        elem = dtype_size(spec.dtype)
-        if len(chunk.indices) % 4 or len(chunk.data) != len(chunk.indices) // 4 * elem or not chunk.indices:
-            raise MalformedMessage(f"region {spec.name}: sparse chunk needs one {spec.dtype} value per uint32 index")
-        indices = _values(chunk.indices, torch.int32).to(torch.int64) & 0xFFFFFFFF
-        if int(indices[0]) <= self._last.get(r, -1) or (len(indices) > 1 and not bool((indices.diff() > 0).all())):
-            raise MalformedMessage(f"region {spec.name}: sparse indices must be strictly increasing")
-        if int(indices[-1]) >= spec.numel:
-            raise MalformedMessage(f"region {spec.name}: sparse index {int(indices[-1])} beyond {spec.numel}")
-        values = _values(chunk.data, spec.dtype)
-        check_values(values, self._max_abs)
-        self.pieces.append(Piece(r, values, indices=indices))
-        self._last[r] = int(indices[-1])
-        self.values += len(indices)
-
-    def finish(self, expected: int) -> None:
-        """Raises MalformedMessage unless exactly ``expected`` pairs arrived (a stream cut short is not whole)."""
-        if self.values != expected:
-            raise MalformedMessage(f"sparse push ended after {self.values} of the {expected} values declared")
+        yield encode_sparse_chunk(region, idx, val)
 
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

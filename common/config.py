@@ -110,9 +110,12 @@ class ServerConfig:
     security: Security = Security()
     insecure: bool = False
     chunk_bytes: int = 2 << 20
-    wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pushes and pulls
+    wire_dtype: str = "fp32"  # fp32, bf16 or fp16: how floats travel in pulls, and BUFFER regions in pushes
     partition: tuple[int, int] = (0, 1)  # this server holds partition k of m of the model's tensors
-    topk_ratio: float = 0.0  # workers push only this fraction of each update (top-k, error feedback); 0: dense
+    # How pushes' PARAM regions travel (common/codecs): a spec NAME[:key=value,...]; "" means wire_dtype dense,
+    # or top-k when topk_ratio is set (the shorthand for "topk:ratio=R")
+    codec: str = ""
+    topk_ratio: float = 0.0
     # The gRPC handler pool; every open Push or Pull holds one of its threads. Threads start only when needed.
     rpc_threads: int = 128
     # Push + Pull streams open at once, in all (None: all but RESERVED_THREADS of rpc_threads) and from one
@@ -149,12 +152,22 @@ class ServerConfig:
         return self.rpc_threads - RESERVED_THREADS // 2
 
     @property
+    def update_codec(self):
+        """The run's ``UpdateCodec``: ``codec``, or what ``wire_dtype`` and ``topk_ratio`` stand for."""
+        from paramhub.common import codecs
+
+        return codecs.from_spec(self.codec or codecs.legacy_spec(self.wire_dtype, self.topk_ratio))
+
+    @property
     def staleness_bound(self) -> int | None:
         """The bound the run keeps: --staleness in async mode (None: unbounded), 0 in sync mode (rounds)."""
         return self.staleness if self.mode == "async" else 0
 
     def __post_init__(self):
         """Cross-field checks (ValueError, naming the flags), so every way of building a config gets them."""
+        if self.codec and self.topk_ratio:
+            raise ValueError("--topk-ratio is a shorthand for --codec topk:ratio=R: give one of them")
+        self.update_codec  # an unknown codec or a bad parameter: CodecError, a ValueError naming it
         if self.backup_workers >= self.workers:
             raise ValueError(f"--backup-workers ({self.backup_workers}) must be fewer than --workers ({self.workers})")
         if self.lr_schedule == "cosine" and not self.max_steps:

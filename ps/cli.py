@@ -103,8 +103,9 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--lease-timeout", default=30.0, type=float, callback=_positive, help="Seconds of silence before a worker is lost.")
 @click.option("--round-timeout", default=300.0, type=float, callback=_positive, help="A sync round closes with what arrived after this many seconds.")
 @click.option("--partition", default="0/1", callback=_partition, help="k/m: hold partition k of m of the model's tensors (start m servers, one per k).")
-@click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
-@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pushes and pulls (bf16/fp16 halve the bytes).")
+@click.option("--codec", default="", help="How workers push their updates: NAME or NAME:key=value,... One of fp32, bf16, fp16 (dense), topk:ratio=R (the R largest elements, error feedback), or a codec another package installs (entry points paramhub.codecs). Default: dense in --wire-dtype.")
+@click.option("--topk-ratio", default=0.0, type=click.FloatRange(0, 1), help="Shorthand for --codec topk:ratio=R: workers push only this fraction of each update's largest elements, keeping the rest as error feedback (0: dense).")
+@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="How floats travel in pulls, and in pushes unless --codec says otherwise (bf16/fp16 halve the bytes).")
 @click.option("--chunk-bytes", default=codec.DEFAULT_CHUNK_BYTES,
               type=click.IntRange(codec.MIN_CHUNK_BYTES, codec.MAX_CHUNK_BYTES),
               help="Payload bytes per chunk of a pull, and the most a push chunk may carry (workers follow it).")

@@ -193,7 +193,9 @@ class PSServer:
                        max_push_wait_s=config.timeouts.round or 300.0,
                        wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]],
                        partition=config.partition[0], num_partitions=config.partition[1],
-                       topk_ratio=config.topk_ratio),
+                       codec=config.update_codec.spec,
+                       topk_ratio=config.update_codec.params.get("ratio", 0.0)
+                       if config.update_codec.name == "topk" else 0.0),
             chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
             expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
             frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,

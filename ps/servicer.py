@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
-from paramhub.common import codec
+from paramhub.common import codec, codecs
 from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.admission import PushAdmission
@@ -104,6 +104,7 @@ class ParameterServerServicer:
         self._frozen_proto = frozen[0].to_proto() if frozen else None
         self._all_regions = list(range(len(self.layout.regions)))
         self._param_regions = self.layout.region_indices(PARAM)
+        self.wire_dtype = wire_dtype
         self.wire_layout = self.layout.on_wire(wire_dtype)
         # concurrent pulls share one encoding
         self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)
@@ -260,22 +261,17 @@ class ParameterServerServicer:
 
     def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
                             parked: Callable[[], None]) -> pb.PushResponse:
-        # A sparse push (top-k) sends the PARAM regions as (index, value) pairs, the rest dense.
         # The push is kept as views of the received messages, checked as they arrive.
-        sparse_ids = self._param_regions if header.sparse else []
-        bound = self.screen.max_abs
-        sparse = codec.SparseCollector(self.wire_layout, sparse_ids, max_abs=bound)
-        dense_ids = [r for r in self._all_regions if r not in sparse_ids]
-        assembler = codec.PieceCollector(self.wire_layout, dense_ids, max_abs=bound)
-        received = 0  # payload bytes, for the log line of a stream cut midway
+        receiver = codecs.PushReceiver(self._codec_of(header), self.layout, self.wire_dtype,
+                                       max_abs=self.screen.max_abs, chunk_bytes=self.chunk_bytes)
 
         def abandoned(how: str) -> None:
-            expected = sum(self.wire_layout.regions[r].nbytes for r in dense_ids)
-            log.warning("push %d of %s %s after %d of %d payload bytes%s: nothing applied",
-                        header.sequence, printable(record.name), how, received, expected,
-                        " (and its sparse pairs)" if sparse_ids else "",
+            expected = receiver.expected_bytes
+            log.warning("push %d of %s %s after %d%s payload bytes: nothing applied",
+                        header.sequence, printable(record.name), how, receiver.received_bytes,
+                        f" of {expected}" if expected is not None else "",
                         extra={"event": "push_abandoned", "worker": record.name, "sequence": header.sequence,
-                               "received_bytes": received, "expected_bytes": expected})
+                               "received_bytes": receiver.received_bytes, "expected_bytes": expected})
 
         try:
             for message in messages:
@@ -283,16 +279,13 @@ class ParameterServerServicer:
                     raise InvalidArgument(str(message))
                 if not isinstance(message, codec.Chunk):
                     raise InvalidArgument("only chunks may follow the PushHeader")
-                (sparse if message.indices is not None else assembler).add(message)
-                received += len(message.data)
+                receiver.add(message)
                 self.metrics.bytes_received(len(message.data))
         except grpc.RpcError:
             abandoned("abandoned midway")  # the client went away (crash, cancel, deadline) mid-stream
             raise
         try:
-            assembler.finish()
-            if header.sparse:
-                sparse.finish(header.sparse_values)
+            receiver.finish(header.sparse_values)
         except codec.MalformedMessage:
             # A client killed mid-stream can look like this too: gRPC may end the stream before it
             # marks the call cancelled. Either way the push is incomplete and logged the same.
@@ -302,7 +295,7 @@ class ParameterServerServicer:
             snap = self.store.snapshot()
             return pb.PushResponse(outcome=pb.PUSH_OUTCOME_VALIDATED, version=snap.version,
                                    next_version=snap.version, done=snap.done, server_epoch=self.epoch)
-        pieces = assembler.pieces + sparse.pieces
+        pieces = receiver.pieces
         weighing = self.screen.weigh(pieces, header.num_samples)
         result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
@@ -326,6 +319,15 @@ class ParameterServerServicer:
             raise InvalidArgument("sequence numbers start at 1")
         if header.sparse_values and not header.sparse:
             raise InvalidArgument("sparse_values is for sparse pushes; a dense one declares none")
+        self._codec_of(header)
+
+    @staticmethod
+    def _codec_of(header: pb.PushHeader) -> codecs.UpdateCodec | None:
+        """The codec the header names (None: dense in the wire dtype); InvalidArgument if unknown."""
+        try:
+            return codecs.for_header(header.codec, header.sparse)
+        except codecs.CodecError as exc:
+            raise InvalidArgument(printable(str(exc))) from None
 
     def _response(self, result) -> pb.PushResponse:
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,

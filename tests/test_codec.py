@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from helpers_unit import assemble, field_bytes, field_varint, property_settings, random_regions, same_bytes
 from paramhub.common import codec
+from paramhub.common.codecs import PushReceiver
 from paramhub.common.codec import Chunk, MalformedMessage, RegionAssembler
 from paramhub.common.layout import BUFFER, PARAM, Layout, LayoutError, dtype_size
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -407,18 +408,18 @@ def test_finite_values_whose_sum_overflows_are_finite_and_one_bad_value_among_ma
         assert not codec.finite(values)
 
 
-def test_piece_collector_views_the_received_bytes_and_checks_them():
+def test_push_receiver_views_the_received_bytes_and_checks_them():
     layout = Layout.from_entries([("w", torch.float32, (6,), PARAM), ("n", torch.int64, (2,), BUFFER)])
     regions = [torch.arange(6, dtype=torch.float32), torch.tensor([3, 4])]
     messages = list(codec.encoded_chunks(layout, regions, chunk_bytes=16))
-    collector = codec.PieceCollector(layout, [0, 1])
+    collector = PushReceiver(None, layout, torch.float32)
     for raw in messages:
         collector.add(codec.decode_push_message(raw))
-    collector.finish()
+    collector.finish(0)
     assert [(p.region, p.offset, p.values.tolist()) for p in collector.pieces] == [
         (0, 0, [0.0, 1.0, 2.0, 3.0]), (0, 4, [4.0, 5.0]), (1, 0, [3, 4])]
     regions[0][5] = float("nan")
-    bad = codec.PieceCollector(layout, [0, 1])
+    bad = PushReceiver(None, layout, torch.float32)
     bad.add(codec.decode_push_message(codec.encode_chunk(0, 0, codec.region_bytes(regions[0][:4]))))
     with pytest.raises(MalformedMessage, match="NaN"):
         bad.add(codec.decode_push_message(codec.encode_chunk(0, 4, codec.region_bytes(regions[0][4:]))))

@@ -390,7 +390,8 @@ def test_a_sparse_push_applies_exactly_its_values_and_bad_indices_are_refused(st
     info = client.join("w")
     w0 = server.store.snapshot().regions[0].clone()
     indices, values = torch.tensor([0, 5, 17]), torch.tensor([1.0, -2.0, 0.5])
-    client.push(GRAD, 0, [], num_samples=1, loss=0.0, sparse={0: (indices, values)})
+    raw_push(server.port, [header(client, 1, sparse=True, sparse_values=3)]
+             + list(codec.encoded_sparse_chunks(0, indices, values)))
     expected = w0.clone()
     expected[indices] -= values
     torch.testing.assert_close(server.store.snapshot().regions[0], expected, rtol=0, atol=0)
@@ -402,19 +403,6 @@ def test_a_sparse_push_applies_exactly_its_values_and_bad_indices_are_refused(st
             raw_push(server.port, messages)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert server.store.version == 1
-
-
-def test_topk_error_feedback_sends_everything_eventually():
-    from paramhub.worker.compression import TopKErrorFeedback
-
-    update = {0: torch.tensor([4.0, -1.0, 0.5, 2.0])}
-    topk = TopKErrorFeedback(0.5, update)
-    sent = torch.zeros(4)
-    for _ in range(3):
-        for r, (indices, values) in topk.compress({0: update[0] if not sent.any() else torch.zeros(4)}).items():
-            sent[indices] += values
-    torch.testing.assert_close(sent + topk.residual[0], update[0])
-    assert torch.count_nonzero(topk.residual[0]) == 0  # three pushes of 2 of 4 elements emptied it
 
 
 def test_with_linger_a_finished_run_keeps_serving_its_final_model_until_stopped(start_server, connect):

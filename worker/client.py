@@ -19,7 +19,7 @@ from typing import Callable, Iterator, TypeVar
 import grpc
 import torch
 
-from paramhub.common import codec
+from paramhub.common import codec, codecs
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import WIRE_TO_DTYPE, Layout
 from paramhub.common.pushback import pushback_seconds
@@ -28,6 +28,7 @@ from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import Security, secure_channel
 
 log = logging.getLogger("paramhub.worker")
+_WIRE_NAMES = {dtype: name for name, dtype in codec.WIRE_DTYPES.items()}
 T = TypeVar("T")
 _SERVICE = "/paramhub.v1.ParameterServer/"
 CHANNEL_OPTIONS = [
@@ -69,9 +70,22 @@ class JoinInfo:
     frozen_layout: Layout | None = None  # tensors pulled once and never pushed (a frozen backbone)
 
     @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype floats are pulled in (and BUFFER regions pushed in)."""
+        return WIRE_TO_DTYPE.get(self.run.wire_dtype, torch.float32)
+
+    @property
     def wire_layout(self) -> Layout:
-        """The layout as it travels (floats in the run's wire dtype)."""
-        return self.layout.on_wire(WIRE_TO_DTYPE.get(self.run.wire_dtype, torch.float32))
+        """The layout as pulls carry it (floats in the run's wire dtype)."""
+        return self.layout.on_wire(self.wire_dtype)
+
+    def update_codec(self) -> codecs.UpdateCodec:
+        """The codec the server asks pushes to use; RunFailed when this installation lacks it."""
+        legacy = codecs.legacy_spec(_WIRE_NAMES.get(self.wire_dtype, "fp32"), self.run.topk_ratio)
+        try:
+            return codecs.from_spec(self.run.codec or legacy)
+        except codecs.CodecError as exc:
+            raise RunFailed(f"the server's codec {self.run.codec!r} cannot be used here: {exc}") from None
 
 
 class PSClient:
@@ -103,9 +117,10 @@ class PSClient:
             response_deserializer=pb.PushResponse.FromString)
         self.info: JoinInfo | None = None
         self._sequence = 0
-        # Buffers of the wire layout, reused by every push and pull with a bf16/fp16 wire: a fresh
-        # set per transfer made the kernel hand out and zero the pages again each time.
-        self._wire_buffers: dict[tuple[str, str], list] = {}
+        self._encoder: codecs.PushEncoder | None = None  # the run's codec, with its state (residuals)
+        # The wire layout's buffer a bf16/fp16 pull lands in, reused: a fresh one per pull made the
+        # kernel hand out and zero the pages again each time.
+        self._pull_buffers: dict[str, list] = {}
 
     def close(self) -> None:
         """Closes the channel."""
@@ -168,7 +183,12 @@ class PSClient:
             frozen_layout=Layout.from_proto(reply.frozen_layout) if reply.frozen_layout.tensors else None,
         )
         self._sequence = 0
+        self._encoder = self._new_encoder(self.info)
         return self.info
+
+    def _new_encoder(self, info: JoinInfo) -> codecs.PushEncoder:
+        chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
+        return codecs.PushEncoder(info.update_codec(), info.layout, info.wire_dtype, chunk_bytes)
 
     def _check_epoch(self, epoch: str) -> None:
         """Raises ServerRestarted when a reply comes from a different server process than our Join."""
@@ -191,19 +211,14 @@ class PSClient:
         wire = info.wire_layout
         if wire is info.layout:
             return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
-        received = self._wire_buffer("pull", wire)
+        if wire.hash not in self._pull_buffers:
+            self._pull_buffers[wire.hash] = wire.empty_regions()
+        received = self._pull_buffers[wire.hash]
         header = self._retrying("pull", lambda: self._pull_once(request, received, wire))
         if header.version >= min_version:
             for dst, src in zip(regions, received):
                 dst.copy_(src)  # back to the model's dtypes
         return header
-
-    def _wire_buffer(self, purpose: str, wire: Layout) -> list:
-        """The reused regions of ``wire`` for pushes or for pulls (one push and one pull at a time)."""
-        key = (purpose, wire.hash)
-        if key not in self._wire_buffers:
-            self._wire_buffers[key] = wire.empty_regions()
-        return self._wire_buffers[key]
 
     def pull_frozen(self, regions: list) -> pb.PullHeader:
         """Streams the frozen tensors (``info.frozen_layout``) into ``regions``; needed once per run."""
@@ -238,34 +253,28 @@ class PSClient:
                 return header
 
     def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
-             dry_run: bool = False, sparse: dict | None = None, keeps_base: bool = False) -> pb.PushResponse:
-        """Sends one update; retried on UNAVAILABLE with the same sequence number.
+             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
+        """Sends one update (every region of the layout) in the run's codec; retried with the same sequence number.
 
-        With ``sparse`` ({PARAM region: (indices, values)}, from top-k), those regions
-        travel as index/value pairs and ``regions`` supplies only the others.
-        ``keeps_base`` tells the server the next update is computed on the same
-        weights (overlapped transfers), so a staleness bound keeps counting from them.
+        The codec keeps what it did not send (error feedback) for the next push; a
+        dry run encodes without touching that. ``keeps_base`` tells the server the
+        next update is computed on the same weights (overlapped transfers), so a
+        staleness bound keeps counting from them.
         """
         info = self._joined()
         self._sequence += 1
+        encoder = self._encoder if not dry_run else self._new_encoder(info)
+        encoded = encoder.encode(regions)
         header = pb.PushHeader(
             worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
             base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
-            loss=loss, dry_run=dry_run, sparse=bool(sparse), keeps_base=keeps_base,
-            sparse_values=sum(len(indices) for indices, _ in (sparse or {}).values()),
+            loss=loss, dry_run=dry_run, sparse=encoded.sparse, keeps_base=keeps_base,
+            sparse_values=encoded.sparse_values, codec=encoded.codec,
         )
-        chunk_bytes = min(self.chunk_bytes, info.max_chunk_bytes or self.chunk_bytes)
 
         def messages() -> Iterator[object]:
             yield pb.PushMessage(header=header)
-            wire = info.wire_layout
-            dense = list(range(len(wire.regions)))
-            for r, (indices, values) in (sparse or {}).items():
-                yield from codec.encoded_sparse_chunks(r, indices, values.to(wire.regions[r].dtype), chunk_bytes)
-                dense.remove(r)
-            on_wire = regions if wire is info.layout else [
-                r if r.dtype == b.dtype else b.copy_(r) for r, b in zip(regions, self._wire_buffer("push", wire))]
-            yield from codec.encoded_chunks(wire, on_wire, dense, chunk_bytes)
+            yield from encoded.messages()
 
         deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
         reply = self._retrying("push", lambda: self._push(messages(), timeout=deadline))

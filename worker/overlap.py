@@ -152,7 +152,7 @@ class OverlappedClient:
         return reply.outcome == pb.PUSH_OUTCOME_ACCEPTED and reply.base_kept
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, sparse: dict | None = None, keeps_base: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
         """Starts this push in the background; returns the previous one's reply (or a provisional one).
 
         ``keeps_base`` is decided here: it is asked when no prefetched weights wait
@@ -170,8 +170,7 @@ class OverlappedClient:
         outgoing = self._outgoing
 
         def transfer():
-            reply = self.inner.push(kind, base_version, outgoing, num_samples, loss, dry_run, sparse,
-                                    keeps_base=keeps_base)
+            reply = self.inner.push(kind, base_version, outgoing, num_samples, loss, dry_run, keeps_base=keeps_base)
             if pushed is not None:
                 pushed.set_result(reply)
             if reply.done:

@@ -30,22 +30,8 @@ class _Slices:
     spans: tuple[tuple[int, int, int], ...]
 
     def of(self, regions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This partition's slices of the whole model's ``regions`` (views: no copy)."""
         return [regions[r][start:stop] for r, start, stop in self.spans]
-
-    def of_sparse(self, sparse: dict[int, tuple[torch.Tensor, torch.Tensor]]
-                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """This partition's share of a top-k update ({region: (sorted indices, values)}), in its own regions.
-
-        Every sparse region the partition holds gets an entry, empty where top-k
-        picked nothing in its slice, so that region is not sent dense instead.
-        """
-        local = {}
-        for own, (r, start, stop) in enumerate(self.spans):
-            if r in sparse:
-                indices, values = sparse[r]
-                lo, hi = torch.searchsorted(indices, torch.tensor([start, stop], dtype=indices.dtype)).tolist()
-                local[own] = (indices[lo:hi] - start, values[lo:hi])
-        return local
 
 
 def combine_layouts(layouts: list[Layout]) -> tuple[Layout, list[_Slices]]:
@@ -113,8 +99,8 @@ class PartitionedClient:
         if [i.run.partition for i in infos] != expected or any(i.run.num_partitions != len(infos) for i in infos):
             found = ", ".join(f"{i.run.partition}/{i.run.num_partitions}" for i in infos)
             raise RunFailed(f"--server lists {len(infos)} addresses, but they are partitions {found}")
-        if len({(i.model.arch, i.model.num_classes, i.run.mode, i.run.update, i.run.topk_ratio) for i in infos}) != 1:
-            raise RunFailed("the partition servers run different models, modes or top-k ratios")
+        if len({(i.model.arch, i.model.num_classes, i.run.mode, i.run.update, i.run.codec) for i in infos}) != 1:
+            raise RunFailed("the partition servers run different models, modes or codecs")
         combined, self._slices = combine_layouts([i.layout for i in infos])
         self._next = [i.version for i in infos]
         self._pulled = list(self._next)  # the version each partition last sent us: the next push's base
@@ -140,15 +126,14 @@ class PartitionedClient:
         return self.clients[0].pull_frozen(regions)
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, sparse: dict | None = None, keeps_base: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
         """Pushes each partition its slices, based on the version it last sent us.
 
-        A top-k update (``sparse``) was picked over the whole model, as with one
-        server; each partition receives the picked elements inside its slices.
+        Each partition's client encodes its slices in the run's codec (a top-k
+        codec picks its elements per partition region, with its own residual).
         """
         replies = self._each(lambda i, c: c.push(
-            kind, self._pulled[i], self._slices[i].of(regions), num_samples, loss, dry_run,
-            sparse=self._slices[i].of_sparse(sparse) if sparse else None, keeps_base=keeps_base))
+            kind, self._pulled[i], self._slices[i].of(regions), num_samples, loss, dry_run, keeps_base=keeps_base))
         self._next = [r.next_version for r in replies]
         accepted = all(r.outcome == pb.PUSH_OUTCOME_ACCEPTED for r in replies)
         return pb.PushResponse(

@@ -28,7 +28,6 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import recheck_threads
 from paramhub.worker.client import RunFailed, ServerRestarted
 from paramhub.worker.interface import ParameterClient
-from paramhub.worker.compression import TopKErrorFeedback
 from paramhub.worker.overlap import OverlappedClient, overlap_refusal
 
 log = logging.getLogger("paramhub.worker")
@@ -289,7 +288,6 @@ class Trainer:
             "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
 
-        topk = TopKErrorFeedback(info.run.topk_ratio, update) if info.run.topk_ratio else None
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
                               synthetic_size=cfg.synthetic_size)
@@ -325,9 +323,8 @@ class Trainer:
                     if on_cuda:
                         for r in buffer_regions:
                             wire_regions[r].copy_(model_regions[r])
-                    sparse = topk.compress(update) if topk else None
                     reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
-                                             loss=loss, sparse=sparse)
+                                             loss=loss)
                 except ServerRestarted as exc:
                     # The work in hand was based on a model the new server may not have: drop
                     # it, join again (a new incarnation), and go on from the server's version.

@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions", "topk_ratio")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions", "topk_ratio", "codec")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class RunSpec(_message.Message):
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -123,7 +124,8 @@ class RunSpec(_message.Message):
     partition: int
     num_partitions: int
     topk_ratio: float
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., topk_ratio: _Optional[float] = ...) -> None: ...
+    codec: str
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
@@ -202,7 +204,7 @@ class PullMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse", "keeps_base", "sparse_values")
+    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse", "keeps_base", "sparse_values", "codec")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +217,7 @@ class PushHeader(_message.Message):
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     KEEPS_BASE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     sequence: int
@@ -227,7 +230,8 @@ class PushHeader(_message.Message):
     sparse: bool
     keeps_base: bool
     sparse_values: int
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ..., keeps_base: _Optional[bool] = ..., sparse_values: _Optional[int] = ...) -> None: ...
+    codec: str
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ..., keeps_base: _Optional[bool] = ..., sparse_values: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")
