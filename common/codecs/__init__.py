@@ -23,6 +23,7 @@ import torch
 from paramhub.common.codecs.base import (CodecError, EncodedPush, PushEncoder, PushReceiver, RegionEncoding,
                                          RegionReceiver, UpdateCodec)
 from paramhub.common.codecs.dense import BFloat16, Float16, Float32
+from paramhub.common.codecs.int8 import Int8
 from paramhub.common.codecs.topk import TopK
 
 __all__ = ["BUILTIN", "CodecError", "EncodedPush", "PushEncoder", "PushReceiver", "RegionEncoding",
@@ -32,7 +33,7 @@ log = logging.getLogger("paramhub.codecs")
 ENTRY_POINT_GROUP = "paramhub.codecs"
 MAX_SPEC_CHARS = 256
 
-BUILTIN: dict[str, type[UpdateCodec]] = {c.name: c for c in (Float32, BFloat16, Float16, TopK)}
+BUILTIN: dict[str, type[UpdateCodec]] = {c.name: c for c in (Float32, BFloat16, Float16, TopK, Int8)}
 
 
 @functools.cache
