@@ -54,8 +54,10 @@ def train(start_server, workers: int, **server_options):
     dict(mode="async", update="avg", local_steps=4, local_lr=0.05, staleness=2, wire_dtype="fp16"),
     dict(mode="sync", update="grad", lr=0.1, momentum=0.9, topk_ratio=0.05),
     dict(mode="async", update="grad", lr=0.1, momentum=0.9, codec="int8"),
+    dict(mode="sync", update="avg", local_steps=4, local_lr=0.05, outer_optimizer="nesterov",
+         codec="topk2bit:ratio=0.05"),
 ], ids=["sync-grad", "async-grad", "sync-avg", "async-avg", "sync-diloco", "sync-adamw-cosine", "sync-grad-bf16",
-        "async-avg-fp16", "sync-grad-topk5%", "async-grad-int8"])
+        "async-avg-fp16", "sync-grad-topk5%", "async-grad-int8", "sync-diloco-topk2bit5%"])
 def test_each_mode_and_update_converges(start_server, options):
     updates = 25 if options["update"] == "grad" else 10
     loss_before, _ = evaluate(start_server(model="mlp", num_classes=CLASSES))

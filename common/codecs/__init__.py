@@ -25,6 +25,7 @@ from paramhub.common.codecs.base import (CodecError, EncodedPush, PushEncoder, P
 from paramhub.common.codecs.dense import BFloat16, Float16, Float32
 from paramhub.common.codecs.int8 import Int8
 from paramhub.common.codecs.topk import TopK
+from paramhub.common.codecs.topk2bit import TopK2Bit
 
 __all__ = ["BUILTIN", "CodecError", "EncodedPush", "PushEncoder", "PushReceiver", "RegionEncoding",
            "RegionReceiver", "UpdateCodec", "available", "from_spec", "legacy_spec", "parse_spec"]
@@ -33,7 +34,7 @@ log = logging.getLogger("paramhub.codecs")
 ENTRY_POINT_GROUP = "paramhub.codecs"
 MAX_SPEC_CHARS = 256
 
-BUILTIN: dict[str, type[UpdateCodec]] = {c.name: c for c in (Float32, BFloat16, Float16, TopK, Int8)}
+BUILTIN: dict[str, type[UpdateCodec]] = {c.name: c for c in (Float32, BFloat16, Float16, TopK, Int8, TopK2Bit)}
 
 
 @functools.cache
