@@ -32,7 +32,7 @@ import click
 from paramhub.common.codec import DEFAULT_CHUNK_BYTES
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
-from paramhub.tools import bench_round, convergence, socket_baseline, versus_ddp
+from paramhub.tools import bench_codecs, bench_round, convergence, socket_baseline, versus_ddp
 
 NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
 HOST = "127.0.0.1"
@@ -337,6 +337,24 @@ def aggregate(workers, model, wire_dtype, repeats, warmup, as_json):
     setup_logging("WARNING")
     result = bench_round.run_aggregate(model, workers, repeats, warmup, wire_dtype)
     click.echo(json.dumps(result) if as_json else bench_round.format_aggregate(result))
+
+
+@main.command("codecs")
+@click.option("--model", default="resnet50", type=click.Choice(ARCHS))
+@click.option("--image-size", default=64, type=click.IntRange(min=8), help="Of the random images the gradient is taken on.")
+@click.option("--codecs", "specs", default=",".join(bench_codecs.DEFAULT_SPECS), help="Comma-separated codec specs.")
+@click.option("--repeats", default=3, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def codecs_cmd(model, image_size, specs, repeats, as_json):
+    """Bytes per push and encode/receive time of each codec on one real gradient, against fp32."""
+    from paramhub.common.codecs import CodecError
+
+    try:
+        result = bench_codecs.run(model, image_size, [s.strip() for s in specs.split(",") if s.strip()], repeats)
+    except CodecError as exc:
+        raise click.UsageError(str(exc)) from None
+    result["cpu"] = versus_ddp.cpu_model()
+    click.echo(json.dumps(result, indent=2) if as_json else f"CPU: {result['cpu']}\n" + bench_codecs.format_table(result))
 
 
 @main.command("serve-paramhub", hidden=True)

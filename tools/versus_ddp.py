@@ -44,6 +44,12 @@ MODES = {
     "diloco": (["--mode", "sync", "--update", "avg", "--outer-optimizer", "nesterov"], lambda n, h: 1.0 / h),
     "async-diloco": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov", "--staleness", "2"],
                      lambda n, h: n / h),
+    # the same runs with compressed pushes (common/codecs), against their fp32 runs above
+    "sync-grad-int8": (["--mode", "sync", "--update", "grad", "--codec", "int8"], lambda n, h: 1.0),
+    "sync-grad-topk2bit": (["--mode", "sync", "--update", "grad", "--codec", "topk2bit:ratio=0.01"],
+                           lambda n, h: 1.0),
+    "diloco-topk2bit": (["--mode", "sync", "--update", "avg", "--outer-optimizer", "nesterov",
+                         "--codec", "topk2bit:ratio=0.01"], lambda n, h: 1.0 / h),
     # no staleness bound: a fast worker never waits for a slow one (the straggler scenario)
     "async-grad-unbounded": (["--mode", "async", "--update", "grad"], lambda n, h: float(n)),
     "async-diloco-unbounded": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov"],

