@@ -234,6 +234,35 @@ def load_frozen(client: ParameterClient, model: nn.Module, info) -> None:
             own[name].copy_(tensor)
 
 
+@dataclasses.dataclass
+class _Session:
+    """What one worker trains with: built once after Join, kept across rejoins (the layout cannot change)."""
+
+    prefix: str  # "[worker i/n]" for log lines
+    layout: Layout
+    device: torch.device
+    work: "GradientStep | LocalSGD"
+    batches: Iterator
+    wire_regions: list[torch.Tensor]  # what pulls land in (on the CPU, the model's own memory)
+    model_regions: list[torch.Tensor]  # the model's tensors (on CUDA, device copies of wire_regions)
+    update: dict[int, torch.Tensor]  # the PARAM regions of an update, filled by work.compute
+    push_regions: list[torch.Tensor]  # every region of a push: the update's PARAM regions, the buffers
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One pull-compute-push exchange: ``reply`` None when the run or the data ended before a push."""
+
+    version: int  # the version computed from (or the final one)
+    reply: pb.PushResponse | None = None
+    num_samples: int = 0
+    loss: float = 0.0
+
+
 class Trainer:
     """Trains one shard against the parameter server.
 
@@ -246,17 +275,37 @@ class Trainer:
         self.config = config
         self.client = client
 
-    def _load_frozen(self, model: nn.Module, info) -> list[nn.Module]:
-        """Pulls the frozen tensors once, loads them and freezes them; returns the frozen BatchNorm layers."""
-        load_frozen(self.client, model, info)
-        return freeze(model, {t.name for t in info.frozen_layout.tensors})
-
     def run(self) -> TrainSummary:
         """Trains until the server says the run is done; returns a summary."""
         cfg = self.config
         info = self.client.join(name=cfg.name or f"shard-{cfg.shard}", shard=cfg.shard)
+        session = self._prepare(info)
+        client = self._transfers(info, session)
+        summary = TrainSummary()
+        version = info.version
+        with Heartbeat(client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat), \
+                Progress(session.prefix) as progress:
+            while True:
+                try:
+                    step = self._step(client, session, version)
+                except ServerRestarted as exc:
+                    version = self._rejoin(client, session, info, exc)
+                    continue
+                summary.final_version = step.version
+                if step.reply is None:
+                    break
+                self._record(summary, session, step, progress)
+                if step.reply.done:
+                    break
+                version = step.reply.next_version
+        client.leave()
+        log.info("%s done after %d steps at version %d", session.prefix, summary.steps, summary.final_version)
+        return summary
+
+    def _prepare(self, info) -> _Session:
+        """Builds the model the server names, binds it to flat buffers, and opens the shard's data."""
+        cfg = self.config
         num_shards = cfg.num_shards or info.run.num_workers
-        prefix = f"[worker {cfg.shard}/{num_shards}]"
         model = build_model(info.model.arch, info.model.num_classes)
         layout = info.layout
         check_layout(model, layout, info.model.arch)
@@ -264,90 +313,92 @@ class Trainer:
         on_cuda = device.type == "cuda"
         model.to(device)
         frozen_modules = self._load_frozen(model, info) if info.frozen_layout is not None else []
-        # By default only on a GPU: on the CPU the step and the transfer compete for the same cores, and
-        # overlap measured slower there, besides the extra staleness (BENCHMARKS.md "Overlap").
-        overlap = cfg.overlap if cfg.overlap is not None else on_cuda
-        refusal = overlap_refusal(info.run)
-        if overlap and not refusal:
-            self.client = OverlappedClient(self.client, layout,
-                                           staleness_bound=staleness_bound_from_wire(info.run.staleness_bound))
-        elif cfg.overlap:
-            log.warning("[worker %d] --overlap has no effect: %s", cfg.shard, refusal)
         # Pulls write into wire_regions and pushes read from them. On the CPU the model's
         # tensors are views into the same memory, so a pull updates the model with no copy.
         wire_regions = layout.empty_regions(pin_memory=on_cuda)
         model_regions = layout.empty_regions(device) if on_cuda else wire_regions
         bind_model(model, layout, model_regions)
-        buffer_regions = layout.region_indices(BUFFER)
         # pinned on CUDA, so gradients come off the device asynchronously
         update = {r: torch.zeros(wire_regions[r].shape, dtype=wire_regions[r].dtype, pin_memory=on_cuda)
                   for r in layout.region_indices(PARAM)}
-        push_regions = [update.get(r, wire_regions[r]) for r in range(len(layout.regions))]
         work = {
             "grad": lambda: GradientStep(model, layout, frozen_modules),
             "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
-
         data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
                               synthetic_size=cfg.synthetic_size)
         loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
                               pin_memory=on_cuda)
         seed_augmentation(cfg.seed, cfg.shard)
-        batches = endless(loader, cfg.epochs)
-        summary = TrainSummary()
+        prefix = f"[worker {cfg.shard}/{num_shards}]"
         log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
                  info.worker_id, info.model.arch, info.model.num_classes, len(data), info.run.mode,
                  info.run.update, device)
+        return _Session(prefix=prefix, layout=layout, device=device, work=work, batches=endless(loader, cfg.epochs),
+                        wire_regions=wire_regions, model_regions=model_regions, update=update,
+                        push_regions=[update.get(r, wire_regions[r]) for r in range(len(layout.regions))])
 
-        version = info.version
-        with Heartbeat(self.client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat), \
-                Progress(prefix) as progress:
-            while True:
-                try:
-                    header = self.client.wait_and_pull(wire_regions, version)
-                    if header.done:
-                        summary.final_version = header.version
-                        break
-                    if on_cuda:
-                        for dst, src in zip(model_regions, wire_regions):
-                            dst.copy_(src, non_blocking=True)
+    def _transfers(self, info, session: _Session) -> ParameterClient:
+        """The client the loop talks to: ours, or it wrapped to overlap transfers with the steps."""
+        cfg = self.config
+        # By default only on a GPU: on the CPU the step and the transfer compete for the same cores, and
+        # overlap measured slower there, besides the extra staleness (BENCHMARKS.md "Overlap").
+        overlap = cfg.overlap if cfg.overlap is not None else session.on_cuda
+        refusal = overlap_refusal(info.run)
+        if overlap and not refusal:
+            return OverlappedClient(self.client, session.layout,
+                                    staleness_bound=staleness_bound_from_wire(info.run.staleness_bound))
+        if cfg.overlap:
+            log.warning("[worker %d] --overlap has no effect: %s", cfg.shard, refusal)
+        return self.client
 
-                    try:
-                        num_samples, loss = work.compute(batches, device, update)
-                    except StopIteration:  # --epochs passes are done: push nothing more, leave
-                        log.info("%s finished %d epoch(s) over the shard", prefix, cfg.epochs)
-                        summary.final_version = header.version
-                        break
+    def _step(self, client: ParameterClient, session: _Session, version: int) -> _Step:
+        """Pulls at least ``version``, computes one update on the shard, pushes it."""
+        header = client.wait_and_pull(session.wire_regions, version)
+        if header.done:
+            return _Step(header.version)
+        if session.on_cuda:
+            for dst, src in zip(session.model_regions, session.wire_regions):
+                dst.copy_(src, non_blocking=True)
+        try:
+            num_samples, loss = session.work.compute(session.batches, session.device, session.update)
+        except StopIteration:  # --epochs passes are done: push nothing more, leave
+            log.info("%s finished %d epoch(s) over the shard", session.prefix, self.config.epochs)
+            return _Step(header.version)
+        if session.on_cuda:
+            for r in session.layout.region_indices(BUFFER):
+                session.wire_regions[r].copy_(session.model_regions[r])
+        reply = client.push(session.work.kind, header.version, session.push_regions, num_samples=num_samples,
+                            loss=loss)
+        return _Step(header.version, reply, num_samples, loss)
 
-                    if on_cuda:
-                        for r in buffer_regions:
-                            wire_regions[r].copy_(model_regions[r])
-                    reply = self.client.push(work.kind, header.version, push_regions, num_samples=num_samples,
-                                             loss=loss)
-                except ServerRestarted as exc:
-                    # The work in hand was based on a model the new server may not have: drop
-                    # it, join again (a new incarnation), and go on from the server's version.
-                    log.warning("%s %s; joining again", prefix, exc)
-                    info = self.client.join(name=info.name, shard=cfg.shard)
-                    if info.layout.hash != layout.hash:
-                        raise RunFailed("the restarted server has a different model layout") from None
-                    version = info.version
-                    continue
-                summary.steps += 1
-                recheck_threads()  # --threads 0: follow the local paramhub processes (at most every few seconds)
-                summary.losses.append(loss)
-                if reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:
-                    summary.pushes_accepted += 1
-                else:
-                    summary.pushes_dropped += 1
-                progress.update(num_samples, summary.steps, reply.version, loss)
-                if cfg.log_every and summary.steps % cfg.log_every == 0:
-                    log.info("%s step %d: version %d, loss %.4f", prefix, summary.steps, header.version, loss)
-                summary.final_version = reply.version
-                if reply.done:
-                    break
-                version = reply.next_version
-        self.client.leave()
-        log.info("%s done after %d steps at version %d", prefix, summary.steps, summary.final_version)
-        return summary
+    def _rejoin(self, client: ParameterClient, session: _Session, info, exc: ServerRestarted) -> int:
+        """Joins a restarted server again (a new incarnation); returns the version to go on from.
+
+        The work in hand was based on a model the new server may not have: it is dropped.
+        """
+        log.warning("%s %s; joining again", session.prefix, exc)
+        rejoined = client.join(name=info.name, shard=self.config.shard)
+        if rejoined.layout.hash != session.layout.hash:
+            raise RunFailed("the restarted server has a different model layout") from None
+        return rejoined.version
+
+    def _record(self, summary: TrainSummary, session: _Session, step: _Step, progress: "Progress") -> None:
+        """Counts one pushed step in the summary, the progress bar and the log."""
+        summary.steps += 1
+        recheck_threads()  # --threads 0: follow the local paramhub processes (at most every few seconds)
+        summary.losses.append(step.loss)
+        if step.reply.outcome == pb.PUSH_OUTCOME_ACCEPTED:
+            summary.pushes_accepted += 1
+        else:
+            summary.pushes_dropped += 1
+        progress.update(step.num_samples, summary.steps, step.reply.version, step.loss)
+        if self.config.log_every and summary.steps % self.config.log_every == 0:
+            log.info("%s step %d: version %d, loss %.4f", session.prefix, summary.steps, step.version, step.loss)
+        summary.final_version = step.reply.version
+
+    def _load_frozen(self, model: nn.Module, info) -> list[nn.Module]:
+        """Pulls the frozen tensors once, loads them and freezes them; returns the frozen BatchNorm layers."""
+        load_frozen(self.client, model, info)
+        return freeze(model, {t.name for t in info.frozen_layout.tensors})
