@@ -1,7 +1,7 @@
 """Builds a parameter server's parts from a validated ``ServerConfig``: model → layout → store, rule, engine, gRPC.
 
-Each part is made once, given its collaborators when it is made, and never
-changed afterwards: ``build_server`` returns them together (``ServerParts``) and
+Each part is made once and given its collaborators when it is made; none is
+rewired afterwards. ``build_server`` returns them together (``ServerParts``) and
 ``PSServer`` runs them. ``RULES`` and ``ENGINES`` are the only place that looks at
 ``--update`` and ``--mode``: everything below takes the result.
 """
@@ -307,9 +307,8 @@ def _evaluator(config: ServerConfig, layouts: Layouts):
 
 @dataclasses.dataclass(frozen=True)
 class ServerParts:
-    """Everything one parameter server is made of, built and connected, nothing started."""
+    """Everything one parameter server is made of, built and connected; nothing bound or served yet."""
 
-    config: ServerConfig
     layout: Layout
     frozen_layout: Layout | None
     frozen_regions: list[torch.Tensor]
@@ -328,7 +327,7 @@ class ServerParts:
 
 
 def build_server(config: ServerConfig, build: Callable[..., InitialState] = initial_state) -> ServerParts:
-    """Makes every part of a server from ``config``, each given its collaborators; starts nothing.
+    """Makes every part of a server from ``config``, each given its collaborators; binds and serves nothing.
 
     Args:
         config: the server's settings (validated when it was made).
@@ -343,7 +342,7 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
     weights = _weights(config, layouts, initial)
     del initial
     release_free_memory()  # the initial tensors: freed, but resident while the allocator keeps them
-    evaluator = _evaluator(config, layouts)  # before any thread starts: its data may be unusable
+    evaluator = _evaluator(config, layouts)  # before the parts that hold threads: its data may be unusable
     store = weights.store
     registry = _registry(config, weights)
     metrics = _metrics(config, registry, store)
@@ -358,7 +357,7 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
     status_page = (StatusPage(lambda: page_status(servicer.status(), metrics))
                    if config.http_port is not None else None)
     return ServerParts(
-        config=config, layout=layouts.layout, frozen_layout=layouts.frozen, frozen_regions=weights.frozen_regions,
+        layout=layouts.layout, frozen_layout=layouts.frozen, frozen_regions=weights.frozen_regions,
         store=store, registry=registry, metrics=metrics, engine=engine, servicer=servicer,
         request_waits=request_waits, health=health_servicer, handlers=handlers,
         grpc_server=_grpc_server(config, handlers, request_waits, servicer, health_servicer),
