@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from paramhub.common.security import Security
+from paramhub.common.security import Security, check_listen_address
 
 MODES = ("sync", "async")
 UPDATES = ("grad", "avg")
@@ -164,7 +164,12 @@ class ServerConfig:
         return self.staleness if self.mode == "async" else 0
 
     def __post_init__(self):
-        """Cross-field checks (ValueError, naming the flags), so every way of building a config gets them."""
+        """Cross-field checks (ValueError, naming the flags), so every way of building a config gets them.
+
+        Raises:
+            ValueError: settings that contradict each other, or an unknown codec or codec parameter.
+            SecurityError: a non-loopback ``host`` with neither TLS nor a token, without ``insecure``.
+        """
         if self.codec and self.topk_ratio:
             raise ValueError("--topk-ratio is a shorthand for --codec topk:ratio=R: give one of them")
         self.update_codec  # an unknown codec or a bad parameter: CodecError, a ValueError naming it
@@ -216,6 +221,7 @@ class ServerConfig:
             raise ValueError(f"clip_factor must be a finite number > 0, got {self.clip_factor}")
         if self.batch_share and self.mode != "async":
             raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
+        check_listen_address(self.host, self.security, self.insecure)
 
 
 @dataclasses.dataclass(frozen=True)

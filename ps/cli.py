@@ -22,6 +22,7 @@ from paramhub.common.config import (MAX_UPDATE_ABS, MODES, OPTIMIZERS, OUTER_OPT
 from paramhub.common.models import ARCHS
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.runtime import LOG_FORMATS, configure_torch_threads, keep_freed_memory_resident, setup_logging
+from paramhub.common.security import SecurityError
 
 log = logging.getLogger("paramhub.ps")
 
@@ -149,6 +150,8 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
             timeouts=dataclasses.replace(Timeouts(), lease=lease_timeout, round=round_timeout, pull_wait=pull_wait,
                                          stall=stall_timeout, request=request_timeout),
         )
+    except SecurityError as exc:  # an exposed listener: refused as a failure, not a usage error
+        raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # ServerConfig's cross-field checks: every way of building a config gets them
         raise click.UsageError(str(exc)) from None
     # auto: not every paramhub process on this machine takes all cores; re-checked as workers start beside it
@@ -156,11 +159,9 @@ def main(log_level, log_format, port_file, lease_timeout, round_timeout, pull_wa
     from paramhub.ps.server import PSServer
 
     from paramhub.common.models import WeightsError, initial_state_in_child
-    from paramhub.common.security import SecurityError, check_listen_address
     from paramhub.common.shards import DataError
 
     try:
-        check_listen_address(config.host, security, config.insecure)
         # the model is built in a child process: this one never imports torchvision (164 MB it would keep)
         server = PSServer(config, build=initial_state_in_child)
         server.start()

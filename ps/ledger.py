@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Iterable
 
 import torch
 
@@ -28,13 +29,19 @@ class Ledger:
     """Keeps the last ``capacity`` entries in full and counts for all of them.
 
     Not thread-safe by itself: engines call it under the store's lock.
+
+    Args:
+        capacity: entries kept in full (the oldest go first).
+        entries, staleness_histogram, applied_per_worker, total: what a resumed run's ledger held.
     """
 
-    def __init__(self, capacity: int = 100_000):
-        self.entries: collections.deque[LedgerEntry] = collections.deque(maxlen=capacity)
-        self.staleness_histogram: collections.Counter[int] = collections.Counter()
-        self.applied_per_worker: collections.Counter[int] = collections.Counter()
-        self.total = 0
+    def __init__(self, capacity: int = 100_000, entries: Iterable[LedgerEntry] = (),
+                 staleness_histogram: dict[int, int] | None = None, applied_per_worker: dict[int, int] | None = None,
+                 total: int = 0):
+        self.entries: collections.deque[LedgerEntry] = collections.deque(entries, maxlen=capacity)
+        self.staleness_histogram: collections.Counter[int] = collections.Counter(staleness_histogram or {})
+        self.applied_per_worker: collections.Counter[int] = collections.Counter(applied_per_worker or {})
+        self.total = total
 
     def record(self, entry: LedgerEntry) -> None:
         """Adds one applied push."""
@@ -69,15 +76,12 @@ class Ledger:
 
         Checkpoints written before ``ledger.shares`` existed load with every share 1.0.
         """
-        ledger = cls(capacity)
         if "ledger.entries" not in tensors:
-            return ledger
+            return cls(capacity)
         rows = tensors["ledger.entries"].tolist()
         shares = tensors["ledger.shares"].tolist() if "ledger.shares" in tensors else [1.0] * len(rows)
-        for row, scale, share in zip(rows, tensors["ledger.scales"].tolist(), shares):
-            version, worker_id, sequence, base, staleness, samples = row
-            ledger.entries.append(LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples, share))
-        ledger.staleness_histogram.update(dict(tensors["ledger.histogram"].tolist()))
-        ledger.applied_per_worker.update(dict(tensors["ledger.applied"].tolist()))
-        ledger.total = int(tensors["ledger.total"])
-        return ledger
+        entries = [LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples, share)
+                   for (version, worker_id, sequence, base, staleness, samples), scale, share
+                   in zip(rows, tensors["ledger.scales"].tolist(), shares)]
+        return cls(capacity, entries, staleness_histogram=dict(tensors["ledger.histogram"].tolist()),
+                   applied_per_worker=dict(tensors["ledger.applied"].tolist()), total=int(tensors["ledger.total"]))

@@ -37,9 +37,6 @@ class EncodedVersion:
         self._lock = threading.Lock()
         self.streams = 0  # pulls streaming it (kept by PullCache)
 
-    def __len__(self) -> int:
-        return len(self._encoded)
-
     def messages(self) -> Iterator[bytes]:
         """The serialized chunk messages in order, encoding any not encoded yet."""
         for i in range(len(self._encoded)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from paramhub.ps.errors import FailedPrecondition, NotFound, ResourceExhausted
 from paramhub.ps.identity import MAX_NAME_CHARS, is_plain_name, printable
@@ -61,11 +61,13 @@ class WorkerRegistry:
         on_lost: called with each trainer record whose lease expires.
         max_live: records (trainers and observers) with a live lease at once.
         keep_departed: departed records remembered.
+        restored, first_free_id: a resumed run's exported records and the lowest id never given out (``restore``).
     """
 
     def __init__(self, lease_timeout: float, clock: Callable[[], float] = time.monotonic,
                  on_lost: Callable[[WorkerRecord], None] | None = None, *,
-                 max_live: int = MAX_LIVE_WORKERS, keep_departed: int = KEEP_DEPARTED):
+                 max_live: int = MAX_LIVE_WORKERS, keep_departed: int = KEEP_DEPARTED,
+                 restored: Sequence[dict] = (), first_free_id: int = 1):
         self.lease_timeout = lease_timeout
         self.max_live = max_live
         self.keep_departed = keep_departed
@@ -77,6 +79,7 @@ class WorkerRegistry:
         self._next_id = 1  # ids are never reused, not even those of forgotten records
         self._departures = 0
         self.forgotten_trainers = 0  # departed trainer records no longer remembered
+        self.restore(list(restored), first_free_id)
 
     def join(self, name: str, incarnation: int, observer: bool, shard: int) -> WorkerRecord:
         """Registers a worker; the same name keeps its id across incarnations.

@@ -1,4 +1,4 @@
-"""Wires a parameter server together: model → layout → store, rule, engine, servicer, gRPC.
+"""One parameter-server process: the parts ``ps/builder.py`` makes, started, run and stopped.
 
 ``PSServer(config).start()`` returns the bound port (use port 0 in tests);
 ``run_until_done()`` blocks until the run finishes or ``stop()`` is called, writing
@@ -8,123 +8,22 @@ checkpoints on the way and a final one at the end.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
-from concurrent import futures
 from typing import Callable
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from paramhub.common import checkpoint, codec
-from paramhub.common.config import ServerConfig, staleness_bound_on_wire
-from paramhub.common.layout import DTYPE_TO_WIRE, PARAM, Layout, LayoutError, partition_names
+from paramhub.common import checkpoint
+from paramhub.common.config import ServerConfig
 from paramhub.common.models import InitialState, initial_state
-from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.common.runtime import recheck_threads, release_free_memory
-from paramhub.common.security import check_listen_address
-from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
-from paramhub.ps.grace import GraceWindow
-from paramhub.ps.identity import printable
-from paramhub.ps.ledger import Ledger
-from paramhub.ps.limits import StreamLimits
-from paramhub.ps.metrics import MetricsHook, ServerMetrics
-from paramhub.ps.registry import WorkerRegistry
-from paramhub.ps.request_gate import RequestGate, RequestWaits
-from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
-from paramhub.ps.screen import NormClip, UpdateScreen, all_finite
-from paramhub.ps.servicer import SERVICE, ParameterServerServicer, add_to_server
-from paramhub.ps.status_page import StatusPage, run_status
-from paramhub.ps.store import ParameterStore
+from paramhub.common.runtime import recheck_threads
+from paramhub.ps.builder import build_server
+from paramhub.ps.metrics import ServerMetrics
+from paramhub.ps.servicer import SERVICE
 
 log = logging.getLogger("paramhub.ps")
-
-# Keepalive: notice dead peers within a minute even when no RPC is in flight.
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-def receive_window_options(chunk_bytes: int) -> list[tuple[str, int]]:
-    """A fixed HTTP/2 receive window per stream: two chunks.
-
-    gRPC otherwise grows each stream's window by probing the bandwidth-delay
-    product, and pushes waiting for admission (``--concurrent-pushes``) then had
-    their bytes buffered anyway: 8 ResNet50 workers, bf16, 300 MB more peak RSS.
-    Two chunks keep a push streaming at full speed on loopback (same push phase).
-    """
-    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 2 * chunk_bytes)]
-
-
-def _schedule(config: ServerConfig) -> LRSchedule:
-    return LRSchedule(config.lr_schedule, warmup=config.warmup_versions, total=config.max_steps,
-                      step_size=config.lr_step_size, gamma=config.lr_gamma)
-
-
-def _gradient_rule(config: ServerConfig) -> UpdateRule:
-    if config.optimizer == "adamw":
-        return AdamWRule(lr=config.lr, weight_decay=config.weight_decay, schedule=_schedule(config))
-    momentum = config.momentum
-    correct = config.momentum_correction if config.momentum_correction is not None else config.mode == "async"
-    if correct and config.mode == "async":
-        momentum = async_momentum(config.momentum, config.workers)
-        log.info("async with %d workers: server momentum %.3g (--momentum %.3g less the implicit %.3g of "
-                 "asynchrony; --no-momentum-correction keeps it as given)", config.workers, momentum,
-                 config.momentum, config.momentum - momentum)
-    return SGDRule(lr=config.lr, momentum=momentum, weight_decay=config.weight_decay,
-                   nesterov=config.nesterov, schedule=_schedule(config))
-
-
-def _averaging_rule(config: ServerConfig) -> UpdateRule:
-    # async: each push is about 1/N of a round, so the outer momentum steps once per N pushes (delayed Nesterov)
-    return AveragingRule(config.outer_optimizer, outer_lr=config.outer_lr, outer_momentum=config.outer_momentum,
-                         momentum_every=config.workers if config.mode == "async" else 1)
-
-
-def _damping(config: ServerConfig) -> bool:
-    if config.staleness_damping is not None:
-        return config.staleness_damping
-    return config.mode == "async" and config.update == "avg"  # async averaging scales stale deltas by default
-
-
-def _batch_share(config: ServerConfig) -> bool:
-    if config.batch_share is not None:
-        return config.batch_share
-    return config.mode == "async" and config.update == "grad"  # --lr is the sync-equivalent rate by default
-
-
-def _sync_engine(config: ServerConfig, store, rule, registry, **parts) -> ConsistencyEngine:
-    return SyncRounds(store, rule, registry, **parts, num_workers=config.workers, backup_workers=config.backup_workers,
-                      round_timeout=config.timeouts.round, max_versions=config.max_steps,
-                      damping=_damping(config), quorum=config.quorum,
-                      grace=GraceWindow(k=config.grace_k) if config.quorum != "all" else None)
-
-
-def _async_engine(config: ServerConfig, store, rule, registry, **parts) -> ConsistencyEngine:
-    return AsyncEngine(store, rule, registry, **parts, staleness_bound=config.staleness,
-                       wait_timeout=config.timeouts.round or 300.0, max_versions=config.max_steps,
-                       damping=_damping(config), batch_share=_batch_share(config))
-
-
-# The only place that looks at --update and --mode: everything below takes the result.
-RULES = {"grad": _gradient_rule, "avg": _averaging_rule}
-ENGINES = {"sync": _sync_engine, "async": _async_engine}
-PUSH_KINDS = {"grad": pb.PUSH_KIND_GRADIENT, "avg": pb.PUSH_KIND_DELTA}
-
-
-@dataclasses.dataclass(frozen=True)
-class Resumed:
-    """What a checkpoint gives back on --resume."""
-
-    store: ParameterStore
-    server_state: dict
-    workers: list[dict]
 
 
 class PSServer:
@@ -138,150 +37,33 @@ class PSServer:
     """
 
     def __init__(self, config: ServerConfig, build: Callable[..., InitialState] = initial_state):
+        parts = build_server(config, build)
         self.config = config
-        # ps-server passes initial_state_in_child: the model is built in a child process
-        initial = build(config.model, config.num_classes, config.seed, config.init_from, config.new_head)
-        # With a frozen backbone only the head is laid out for the wire; the rest is
-        # served once (Pull with frozen=true) and never changes. A partition lays out
-        # its contiguous share of what travels.
-        state = initial.state
-        trainable = initial.head if config.freeze_backbone else list(state)
-        frozen = [name for name in state if name not in trainable]
-        k, m = config.partition
-        if m > 1:
-            trainable = partition_names(trainable, [state[n].numel() * state[n].element_size() for n in trainable],
-                                        k, m)
-        self.layout = Layout.from_state(state, initial.param_names, trainable)
-        self.frozen_layout = Layout.from_state(state, initial.param_names, frozen) if frozen else None
-        self.frozen_regions = self.frozen_layout.flatten(state) if frozen else []
-        resumed = self._resume() if config.resume else None
-        self.store = resumed.store if resumed else ParameterStore(self.layout, self.layout.flatten(state))
-        if not all_finite(self.store.snapshot().regions):
-            raise RuntimeError("the initial weights hold NaN or infinite values (--init-from?): nothing to train")
-        del initial, state
-        release_free_memory()  # the initial tensors: freed, but resident while the allocator keeps them
-        self.registry = WorkerRegistry(
-            config.timeouts.lease,
-            on_lost=lambda r: log.warning("worker %s (id %d) lost: silent for over %.0fs",
-                                          printable(r.name), r.worker_id, config.timeouts.lease,
-                                          extra={"event": "worker_lost", "worker": r.name, "worker_id": r.worker_id,
-                                                 "lease_s": config.timeouts.lease}),
-            max_live=config.max_live_workers, keep_departed=config.keep_departed)
-        # /metrics and the status page both read one ServerMetrics; with neither, events go to a no-op.
-        self.metrics = (ServerMetrics(self.registry, lambda: self.store.version)
-                        if config.metrics_port is not None or config.http_port is not None else MetricsHook())
-        self.engine = ENGINES[config.mode](config, self.store, RULES[config.update](config), self.registry,
-                                           ledger=Ledger.from_tensors(resumed.server_state) if resumed else None,
-                                           metrics=self.metrics)
-        if resumed:
-            # ids of workers the old process forgot still hold ledger entries: never hand them out again
-            self.registry.restore(resumed.workers,
-                                  first_free_id=max(self.engine.ledger.applied_per_worker, default=0) + 1)
-            if config.max_steps is not None and self.store.version >= config.max_steps:
-                self.store.finish()  # a finished run stays finished: no worker will push again
-        self.finished_at_start = self.store.done
-        self.servicer = ParameterServerServicer(
-            self.engine,
-            pb.ModelSpec(arch=config.model, num_classes=config.num_classes),
-            pb.RunSpec(mode=config.mode, update=config.update, num_workers=config.workers,
-                       local_steps=config.local_steps if config.update == "avg" else 1,
-                       # three heartbeats per lease, so one lost packet does not cost a worker its lease
-                       heartbeat_interval_s=min(config.timeouts.heartbeat, config.timeouts.lease / 3),
-                       local_lr=config.local_lr,
-                       local_momentum=config.local_momentum,
-                       staleness_bound=staleness_bound_on_wire(config.staleness_bound),
-                       max_push_wait_s=config.timeouts.round or 300.0,
-                       wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]],
-                       partition=config.partition[0], num_partitions=config.partition[1],
-                       codec=config.update_codec.spec,
-                       topk_ratio=config.update_codec.params.get("ratio", 0.0)
-                       if config.update_codec.name == "topk" else 0.0),
-            chunk_bytes=config.chunk_bytes, pull_wait_s=config.timeouts.pull_wait,
-            expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
-            frozen=(self.frozen_layout, self.frozen_regions) if self.frozen_layout else None,
-            stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
-            concurrent_pushes=config.concurrent_pushes,
-            screen=UpdateScreen(self.layout.region_indices(PARAM), max_abs=config.max_update_abs,
-                                clip=NormClip(config.clip_factor) if config.clip_factor else None),
-            limits=StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer),
-            metrics=self.metrics,
-        )
-        self._health = health.HealthServicer()
-        self._handlers = futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="ps-rpc")
-        # calls waiting for their request take the threads streams leave; one host at most half of them
-        self.request_waits = RequestWaits(threads=config.request_wait_threads,
-                                          per_peer=config.request_wait_threads // 2, timeout_s=config.timeouts.request,
-                                          held_by_streams=lambda: self.servicer.limits.open)
-        self._grpc = grpc.server(
-            self._handlers,  # the token check first: a call without the token is refused before it is counted
-            interceptors=config.security.server_interceptors() + [RequestGate(self.request_waits)],
-            options=KEEPALIVE_OPTIONS + receive_window_options(config.chunk_bytes) + [
-                ("grpc.max_receive_message_length", config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES),
-                # replies are at most a chunk, or a Join/Status reply that may outgrow a tiny --chunk-bytes
-                ("grpc.max_send_message_length", max(config.chunk_bytes + codec.MESSAGE_OVERHEAD_BYTES,
-                                                     codec.MIN_REPLY_LIMIT_BYTES)),
-            ],
-        )
-        add_to_server(self.servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.evaluator = self._evaluator(config)
-        self._ticker = Ticker(self.engine)
-        self._status_page = StatusPage(lambda: run_status(self)) if config.http_port is not None else None
+        self.layout = parts.layout
+        self.frozen_layout = parts.frozen_layout
+        self.frozen_regions = parts.frozen_regions
+        self.store = parts.store
+        self.registry = parts.registry
+        self.metrics = parts.metrics
+        self.engine = parts.engine
+        self.servicer = parts.servicer
+        self.request_waits = parts.request_waits
+        self.evaluator = parts.evaluator
+        self.finished_at_start = self.store.done  # resumed at --max-steps already
+        self._health = parts.health
+        self._handlers = parts.handlers
+        self._grpc = parts.grpc_server
+        self._ticker = parts.ticker
+        self._status_page = parts.status_page
         self.metrics_port: int | None = None  # bound ports of the HTTP endpoints that are on
         self.http_port: int | None = None
         self._stop = threading.Event()
         self.port: int | None = None
         self.last_checkpoint: str | None = None
 
-    def _evaluator(self, config: ServerConfig):
-        """The server's own evaluation (--eval-data), or None; imported only then (it needs torchvision)."""
-        if not (config.eval_data and config.eval_every):
-            return None
-        from paramhub.ps.evaluation import ServerEvaluator
-
-        return ServerEvaluator(
-            config.model, config.num_classes, config.eval_data, config.eval_every, image_size=config.eval_image_size,
-            size=config.eval_size, batch_size=64, out_dir=config.checkpoint_dir,
-            facts={"model": config.model, "num_classes": config.num_classes, "layout_hash": self.layout.hash},
-            precise_bn_data=config.eval_precise_bn_data, precise_bn_batches=config.eval_precise_bn_batches,
-            frozen=[t.name for t in self.frozen_layout.tensors] if self.frozen_layout is not None else (),
-        )
-
-    def _resume(self) -> "Resumed | None":
-        """The state of the newest readable, matching checkpoint; None when there is none.
-
-        A checkpoint that cannot be read, fails its checksum, or belongs to another
-        model is reported and the previous one tried.
-        """
-        for path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
-            try:
-                model_state, server_state, meta = checkpoint.load_checkpoint(path)
-                if meta.get("layout_hash") != self.layout.hash:
-                    raise checkpoint.CheckpointError(
-                        f"{path} holds a different model ({meta.get('model')}, {meta.get('num_classes')} classes, "
-                        f"layout {str(meta.get('layout_hash'))[:12]}) than this server's ({self.config.model}, "
-                        f"{self.config.num_classes} classes, layout {self.layout.hash[:12]})")
-                regions = self.layout.flatten(model_state)
-                if not all_finite([*regions, *server_state.values()]):
-                    raise checkpoint.CheckpointError(f"{path} holds NaN or infinite values")
-                if self.frozen_layout is not None:
-                    self.frozen_regions = self.frozen_layout.flatten(model_state)
-            except (checkpoint.CheckpointError, LayoutError) as exc:
-                log.error("skipping checkpoint: %s", exc)
-                continue
-            rule_state = checkpoint.rule_state_of([region.name for region in self.layout.regions], server_state)
-            log.info("resuming from %s at version %d", path, meta["version"])
-            store = ParameterStore(self.layout, regions, version=meta["version"], rule_state=rule_state)
-            return Resumed(store, server_state, meta.get("workers", []))
-        log.warning("no usable checkpoint in %s: starting from scratch", self.config.checkpoint_dir)
-        return None
-
     def start(self) -> int:
         """Binds and starts serving; returns the port (useful with port 0)."""
         address = f"{self.config.host}:{self.config.port}"
-        check_listen_address(self.config.host, self.config.security, self.config.insecure)
         credentials = self.config.security.server_credentials()
         try:
             self.port = (self._grpc.add_secure_port(address, credentials) if credentials
@@ -405,7 +187,7 @@ class PSServer:
         else:
             self._set_serving(False)
             log.info("stopping: refusing new pushes, finishing the ones in flight")
-            self.servicer.accepting = False
+            self.servicer.stop_accepting()
             self.store.interrupt_waits()
             self.shutdown(grace=self.config.done_grace_s)
             self.checkpoint()

@@ -31,6 +31,7 @@ from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.pull_cache import PullCache
 from paramhub.ps.screen import MAX_SAMPLES_PER_PUSH, UpdateScreen
+from paramhub.ps.status import StatusView, server_status, to_response
 
 log = logging.getLogger("paramhub.ps")
 SERVICE = "paramhub.v1.ParameterServer"
@@ -141,31 +142,18 @@ class ParameterServerServicer:
         log.info("worker %s (id %d) left", printable(record.name), record.worker_id)
         return pb.LeaveResponse()
 
+    def status(self) -> StatusView:
+        """The run's status now: what Status answers and the status page shows."""
+        return server_status(self.engine, self.registry, self.run_spec, epoch=self.epoch,
+                             pushes_rejected=self.pushes_rejected)
+
     @_abort_on_error
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
-        progress = self.engine.progress()
-        histogram, applied = progress.staleness_histogram, progress.applied_per_worker
-        roster = self.registry.roster()
-        workers = [
-            pb.WorkerStatus(
-                worker_id=r.worker_id, worker_name=r.name, incarnation=r.incarnation,
-                pushes_accepted=r.pushes_accepted, pushes_dropped=r.pushes_dropped,
-                last_base_version=r.last_base_version, seconds_since_seen=self.registry.seconds_since_seen(r),
-                alive=r.alive, last_loss=r.last_loss, updates_applied=applied.get(r.worker_id, 0), left=r.left,
-            )
-            for r in roster.live + roster.departed
-        ]
-        listed = fit_in_message(workers, self.chunk_bytes // 2)  # the rest of the reply is a few KB at most
-        return pb.StatusResponse(
-            version=progress.version, mode=self.run_spec.mode, update=self.run_spec.update, done=progress.done,
-            workers=workers[:listed], round_pushes=self.engine.round_pushes,
-            pushes_rejected=self.pushes_rejected, server_epoch=self.epoch, last_loss=progress.last_loss,
-            staleness_histogram=[pb.StalenessCount(staleness=k, count=v) for k, v in sorted(histogram.items())],
-            max_staleness=max(histogram, default=0), staleness_bound=self.run_spec.staleness_bound,
-            pushes_applied=progress.pushes_applied,
-            live_workers=len(roster.live), departed_workers=len(roster.departed) + roster.forgotten,
-            workers_not_listed=len(workers) - listed + roster.forgotten,
-        )
+        return to_response(self.status(), self.chunk_bytes // 2)  # the rest of the reply is a few KB at most
+
+    def stop_accepting(self) -> None:
+        """Refuses new joins and pushes from now on (UNAVAILABLE: the server is shutting down)."""
+        self.accepting = False
 
     # -- streaming RPCs -------------------------------------------------------------
 
@@ -332,20 +320,6 @@ class ParameterServerServicer:
     def _response(self, result) -> pb.PushResponse:
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
                                done=result.done, server_epoch=self.epoch, base_kept=result.base_kept)
-
-
-def fit_in_message(workers: list[pb.WorkerStatus], budget_bytes: int) -> int:
-    """How many of ``workers`` (from the first) a Status reply lists within ``budget_bytes``.
-
-    The registry bounds how many records there are; this bounds their bytes
-    whatever the chunk size, so Status always fits in one message.
-    """
-    used = 0
-    for count, worker in enumerate(workers):
-        used += worker.ByteSize() + 4  # the field's tag and length
-        if used > budget_bytes:
-            return count
-    return len(workers)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

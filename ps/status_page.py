@@ -17,6 +17,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from paramhub.ps.metrics import ServerMetrics
+from paramhub.ps.status import StatusView
+
 log = logging.getLogger("paramhub.ps")
 
 
@@ -25,50 +28,41 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def run_status(server) -> dict:
-    """The run as JSON-ready data, for ``/api/status``.
-
-    Args:
-        server: a started ``PSServer`` whose ``metrics`` is a ``ServerMetrics``.
-    """
-    progress = server.engine.progress()  # the cut Status shows too
-    histogram, applied = progress.staleness_histogram, progress.applied_per_worker
-    metrics = server.metrics
+def page_status(status: StatusView, metrics: ServerMetrics) -> dict:
+    """The run as JSON-ready data, for ``/api/status``: the status view plus the metrics' rates and histories."""
     rates = metrics.rates()
     last_staleness = metrics.staleness_by_worker()
     losses, evaluations = metrics.history()
     workers = []
-    roster = server.registry.roster()  # bounded: live ones, then the most recent departures
-    for r in roster.live + roster.departed:
-        push_rate, sample_rate = rates.get(r.worker_id, (0.0, 0.0))
+    for w in status.workers:
+        push_rate, sample_rate = rates.get(w.worker_id, (0.0, 0.0))
         workers.append({
-            "id": r.worker_id, "name": r.name, "shard": r.shard,
-            "state": "alive" if r.alive else "left" if r.left else "lost",
-            "last_base_version": r.last_base_version, "staleness": last_staleness.get(r.worker_id),
-            "applied": applied.get(r.worker_id, 0), "accepted": r.pushes_accepted, "dropped": r.pushes_dropped,
-            "seconds_since_seen": round(server.registry.seconds_since_seen(r), 3),
-            "pushes_per_second": push_rate, "samples_per_second": sample_rate, "last_loss": _finite(r.last_loss),
+            "id": w.worker_id, "name": w.name, "shard": w.shard, "state": w.state,
+            "last_base_version": w.last_base_version, "staleness": last_staleness.get(w.worker_id),
+            "applied": w.applied, "accepted": w.accepted, "dropped": w.dropped,
+            "seconds_since_seen": round(w.seconds_since_seen, 3),
+            "pushes_per_second": push_rate, "samples_per_second": sample_rate, "last_loss": _finite(w.last_loss),
         })
     accuracy = {"version": [e["version"] for e in evaluations]}
     accuracy.update({key: [_finite(e.get(key)) for e in evaluations] for key in ("time", "top1", "top5", "loss")})
     return {
         "time": time.time(),
-        "version": progress.version,
-        "done": progress.done,
-        "mode": server.config.mode,
-        "update": server.config.update,
-        "workers_expected": server.config.workers,
-        "staleness_bound": server.config.staleness_bound,  # None: unbounded async
+        "version": status.version,
+        "done": status.done,
+        "mode": status.mode,
+        "update": status.update,
+        "workers_expected": status.workers_expected,
+        "staleness_bound": status.staleness_bound,  # None: unbounded async
         "pushes_per_second": sum(p for p, _ in rates.values()),
         "samples_per_second": sum(s for _, s in rates.values()),
-        "pushes_applied": progress.pushes_applied,
-        "pushes_dropped": progress.pushes_dropped,
-        "pushes_rejected": server.servicer.pushes_rejected,
-        "last_loss": _finite(progress.last_loss),
-        "staleness_histogram": [[staleness, count] for staleness, count in sorted(histogram.items())],
+        "pushes_applied": status.pushes_applied,
+        "pushes_dropped": status.pushes_dropped,
+        "pushes_rejected": status.pushes_rejected,
+        "last_loss": _finite(status.last_loss),
+        "staleness_histogram": [[staleness, count] for staleness, count in sorted(status.staleness_histogram.items())],
         "workers": workers,
-        "departed_workers": len(roster.departed) + roster.forgotten,
-        "workers_not_listed": roster.forgotten,  # departures older than the --keep-departed remembered
+        "departed_workers": status.departed_workers,
+        "workers_not_listed": status.not_listed,  # departures older than the --keep-departed remembered
         # columns, not rows: 2000 points poll every second
         "loss_history": {"version": [v for v, _, _ in losses], "time": [t for _, t, _ in losses],
                          "loss": [_finite(loss) for _, _, loss in losses]},
@@ -102,16 +96,26 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("status page: " + format, *args)  # one line a second per open page: not for INFO
 
 
+class _StatusHTTPServer(ThreadingHTTPServer):
+    """The HTTP server of the page, holding the function that makes ``/api/status``."""
+
+    def __init__(self, address: tuple[str, int], status: Callable[[], dict]):
+        # IPv4 or IPv6, as the host says: read by the base class when it makes the socket
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]
+        self.status = status
+        super().__init__(address, _Handler)
+
+
 class StatusPage:
     """Serves the page and ``/api/status`` from a daemon thread.
 
     Args:
-        status: returns the ``/api/status`` data (``run_status`` bound to a server).
+        status: returns the ``/api/status`` data (``page_status`` of the server's status view and metrics).
     """
 
     def __init__(self, status: Callable[[], dict]):
         self._status = status
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _StatusHTTPServer | None = None
 
     def serve(self, host: str, port: int) -> int:
         """Binds ``host:port`` (0 picks a free port) and serves; returns the port.
@@ -119,10 +123,7 @@ class StatusPage:
         Raises:
             OSError: the address cannot be bound.
         """
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6, as host says
-        server_class = type("StatusHTTPServer", (ThreadingHTTPServer,), {"address_family": family})
-        self._httpd = server_class((host, port), _Handler)
-        self._httpd.status = self._status
+        self._httpd = _StatusHTTPServer((host, port), self._status)
         threading.Thread(target=self._httpd.serve_forever, name="ps-status-page", daemon=True).start()
         return self._httpd.server_address[1]
 

@@ -38,15 +38,16 @@ class ParameterStore:
         regions: initial flat buffers (taken over, not copied).
         version: the starting version (non-zero when resuming).
         rule_state: optimizer tensors (taken over).
+        done: the run is complete already (a resumed run that reached its last version).
     """
 
     def __init__(self, layout: Layout, regions: list[torch.Tensor], version: int = 0,
-                 rule_state: dict[int, dict[str, torch.Tensor]] | None = None):
+                 rule_state: dict[int, dict[str, torch.Tensor]] | None = None, done: bool = False):
         layout.check_regions(regions)
         self.layout = layout
         self._regions = regions
         self._version = version
-        self._done = False
+        self._done = done
         self._interrupted = False  # shutting down: waits return at once
         self.failure: str | None = None  # why the run failed (``fail``); None while it has not
         # Optimizer tensors per PARAM region index: {region: {"momentum_buffer": tensor}}.

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from paramhub.common.cliutil import CONFIG_SECTIONS
 from paramhub.common.config import ServerConfig
+from paramhub.common.security import Security, SecurityError
 from paramhub.ps.cli import main as server_main
 from paramhub.tools.ctl import main as ctl_main
 from paramhub.tools.data import main as data_main
@@ -284,3 +285,12 @@ def test_a_contradictory_server_config_is_refused_however_it_is_built(fields, fl
     with pytest.raises(ValueError, match=flag):
         ServerConfig(**fields)
     assert ServerConfig(**{"workers": 3, "mode": "async", "staleness": 3, "max_steps": 10}) is not None  # control
+
+
+def test_an_exposed_listener_is_refused_by_the_config_itself():
+    """ps-server's listen-address check lives in ServerConfig, so a server built in Python gets it too."""
+    with pytest.raises(SecurityError, match="refusing to listen on 0.0.0.0"):
+        ServerConfig(host="0.0.0.0")
+    assert ServerConfig(host="0.0.0.0", insecure=True).host == "0.0.0.0"
+    assert ServerConfig(host="0.0.0.0", security=Security(token="t")).host == "0.0.0.0"
+    assert ServerConfig(host="127.0.0.1").host == "127.0.0.1"

@@ -532,7 +532,7 @@ def test_batch_share_scales_the_params_but_not_the_batchnorm_statistics():
 
 
 def test_batch_share_is_on_by_default_for_async_gradients_only():
-    from paramhub.ps.server import _batch_share
+    from paramhub.ps.builder import _batch_share
 
     assert _batch_share(ServerConfig(mode="async")) is True
     assert _batch_share(ServerConfig(mode="async", batch_share=False)) is False

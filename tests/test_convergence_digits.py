@@ -140,10 +140,10 @@ class Summed:
 
 
 def broken_rule(monkeypatch, wrap) -> None:
-    from paramhub.ps import server as server_module
+    from paramhub.ps import builder
 
-    correct = server_module.RULES["grad"]
-    monkeypatch.setitem(server_module.RULES, "grad", lambda config: wrap(correct(config)))
+    correct = builder.RULES["grad"]
+    monkeypatch.setitem(builder.RULES, "grad", lambda config: wrap(correct(config)))
 
 
 def without_batchnorm_statistics(server) -> None:

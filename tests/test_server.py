@@ -433,7 +433,7 @@ def test_with_linger_a_finished_run_keeps_serving_its_final_model_until_stopped(
 @pytest.mark.parametrize("mode, correction, expected", [
     ("async", None, 0.4), ("async", False, 0.9), ("sync", None, 0.9)])
 def test_async_sgd_momentum_is_the_sync_one_less_the_implicit_momentum(mode, correction, expected):
-    from paramhub.ps.server import _gradient_rule
+    from paramhub.ps.builder import _gradient_rule
 
     config = ServerConfig(model="mlp", num_classes=4, workers=2, mode=mode, momentum=0.9,
                           momentum_correction=correction)

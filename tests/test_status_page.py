@@ -10,12 +10,14 @@ import threading
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
 import torch
 
 from conftest import fast_timeouts, wait_for
 
 from paramhub.common.pb import paramhub_pb2 as pb
+from paramhub.ps.status import from_response, to_response
 
 pytestmark = pytest.mark.timeout(120)
 GRAD = pb.PUSH_KIND_GRADIENT
@@ -68,6 +70,35 @@ def test_api_status_reports_version_workers_staleness_and_loss(start_server, con
         assert w["last_loss"] == pytest.approx(loss) and 0 <= w["seconds_since_seen"] < 5
         assert w["pushes_per_second"] == pytest.approx(2 / server.metrics.window_s)
     assert status["pushes_per_second"] == pytest.approx(4 / server.metrics.window_s)
+
+
+def test_the_page_and_the_status_rpc_show_one_view(start_server, connect):
+    server = start_server(http_port=0, workers=2, backup_workers=1)
+    a, b, c = connect(server.port), connect(server.port), connect(server.port)
+    a.join("alpha", shard=0), b.join("beta", shard=1), c.join("gamma", shard=2)
+    push(a, 0, loss=1.0)  # N - b = 1 push closes round 0
+    assert push(b, 0, loss=2.0).outcome == pb.PUSH_OUTCOME_DROPPED
+    with pytest.raises(grpc.RpcError):
+        push(a, 7, loss=1.0)  # based on a version the server never had: rejected
+    c.leave()
+    page, reply = api_status(server.http_port), a.status()
+    run = ("version", "done", "mode", "update", "pushes_applied", "pushes_rejected", "departed_workers")
+    assert [page[key] for key in run] == [getattr(reply, key) for key in run] == [1, False, "sync", "grad", 1, 1, 1]
+    assert page["staleness_histogram"] == [[h.staleness, h.count] for h in reply.staleness_histogram] == [[0, 1]]
+    rows = {w["name"]: (w["state"], w["applied"], w["accepted"], w["dropped"]) for w in page["workers"]}
+    assert rows == {w.name: (w.state, w.applied, w.accepted, w.dropped) for w in from_response(reply).workers} == {
+        "alpha": ("alive", 1, 1, 0), "beta": ("alive", 0, 0, 1), "gamma": ("left", 0, 0, 0)}
+
+
+def test_a_status_reply_lists_the_workers_that_fit_and_counts_the_rest(start_server, connect):
+    server = start_server(workers=3)
+    for name in ("alpha", "beta", "gamma"):
+        connect(server.port).join(name)
+    view = server.servicer.status()
+    one = to_response(view, budget_bytes=to_response(view, 1 << 20).workers[0].ByteSize() + 4)
+    assert [w.worker_name for w in one.workers] == ["alpha"] and one.workers_not_listed == 2
+    back = from_response(one)
+    assert [w.name for w in back.workers] == ["alpha"] and (back.not_listed, back.live_workers) == (2, 3)
 
 
 def test_a_silent_worker_shows_as_lost(start_server, connect):

@@ -10,9 +10,8 @@ shared machine drift from run to run, the ratio of interleaved rounds much less.
 sync round against gloo's all_reduce, and the server's update math against a
 memory copy, in the same interleaved style.
 
-Both servers run in child processes (hidden ``serve-*`` subcommands of this
-module), so neither shares a GIL with the client. A child exits when its stdin
-closes, so it goes away with the parent even if the parent is killed.
+Both servers run in child processes (tools/bench_servers.py), so neither
+shares a GIL with the client.
 """
 
 from __future__ import annotations
@@ -20,11 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import statistics
-import subprocess
-import sys
-import threading
 import time
 
 import click
@@ -33,86 +28,9 @@ from paramhub.common.codec import DEFAULT_CHUNK_BYTES
 from paramhub.common.models import ARCHS
 from paramhub.common.runtime import keep_freed_memory_resident, setup_logging
 from paramhub.tools import bench_codecs, bench_round, convergence, socket_baseline, versus_ddp
+from paramhub.tools.bench_servers import HOST, NUM_CLASSES, paramhub_server, socket_server
 
-NUM_CLASSES = 1000  # ResNet50's ImageNet head: 25.6M parameters, 102 MB of fp32
-HOST = "127.0.0.1"
-READY_TIMEOUT_S = 180.0  # a child imports torch and builds the model before it answers
-STOP_TIMEOUT_S = 10.0
 GOAL_RATIO = 1.5  # the transport goal: push+pull at most 1.5x the plain-socket round trip
-ROUND_TIMEOUT_S = 120.0  # a bench's sync round never waits longer than this for its pushes
-_READY = b"READY "
-
-
-# -- child processes -----------------------------------------------------------------
-
-
-class ServerProcess:
-    """A ``ps-bench serve-*`` child: started at once, port read with a bound, always stopped.
-
-    Args:
-        args: the hidden subcommand and its options.
-    """
-
-    def __init__(self, args: list[str]):
-        self.args = args
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paramhub.tools.bench", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> int:
-        """Waits for the child's ``READY <port>`` line; returns the port.
-
-        Raises:
-            click.ClickException: the child exited or stayed silent past ``timeout``.
-        """
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        line = b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise click.ClickException(f"{self.args[0]}: no port after {timeout:.0f}s")
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if readable:
-                data = os.read(fd, 256)  # os.read, not readline: it cannot block past select
-                if not data:  # stdout closed: the child is exiting
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(timeout=STOP_TIMEOUT_S)
-                    code = self.proc.returncode
-                    raise click.ClickException(f"{self.args[0]} exited before it was ready (exit code {code})")
-                line += data
-        if not line.startswith(_READY):
-            raise click.ClickException(f"{self.args[0]}: unexpected output {line!r}")
-        return int(line[len(_READY):])
-
-    def stop(self) -> None:
-        """Closes stdin (the child's signal to exit), then terminates and kills, each wait bounded."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        for escalate in (None, self.proc.terminate, self.proc.kill):
-            if escalate is not None:
-                escalate()
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.proc.stdout.close()
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _announce(port: int) -> None:
-    sys.stdout.buffer.write(_READY + f"{port}\n".encode())
-    sys.stdout.flush()
-
-
-def _wait_for_parent() -> None:
-    """Blocks until the parent closes our stdin (or dies)."""
-    sys.stdin.buffer.read()
 
 
 # -- the rounds ----------------------------------------------------------------------
@@ -139,11 +57,10 @@ def run_transport(model_name: str, repeats: int, warmup: int, chunk_bytes: int) 
     timeouts = Timeouts(rpc=30, transfer=120, connect=30, pull_wait=5)
 
     with contextlib.ExitStack() as stack:  # unwinds in reverse: clients close before their servers stop
-        paramhub_server = stack.enter_context(ServerProcess(
-            ["serve-paramhub", "--model", model_name, "--chunk-bytes", str(chunk_bytes)]))
-        socket_server = stack.enter_context(ServerProcess(["serve-socket", "--nbytes", str(nbytes)]))
-        client = stack.enter_context(PSClient(f"{HOST}:{paramhub_server.wait_ready()}", timeouts, chunk_bytes))
-        echo = stack.enter_context(socket_baseline.EchoClient((HOST, socket_server.wait_ready()), nbytes))
+        paramhub = stack.enter_context(paramhub_server(model_name, chunk_bytes=chunk_bytes))
+        echo_server = stack.enter_context(socket_server(nbytes))
+        client = stack.enter_context(PSClient(f"{HOST}:{paramhub.wait_ready()}", timeouts, chunk_bytes))
+        echo = stack.enter_context(socket_baseline.EchoClient((HOST, echo_server.wait_ready()), nbytes))
 
         info = client.join(name="bench")
         if info.layout.hash != layout.hash:
@@ -355,49 +272,6 @@ def codecs_cmd(model, image_size, specs, repeats, as_json):
         raise click.UsageError(str(exc)) from None
     result["cpu"] = versus_ddp.cpu_model()
     click.echo(json.dumps(result, indent=2) if as_json else f"CPU: {result['cpu']}\n" + bench_codecs.format_table(result))
-
-
-@main.command("serve-paramhub", hidden=True)
-@click.option("--model", required=True, type=click.Choice(ARCHS))
-@click.option("--chunk-bytes", default=DEFAULT_CHUNK_BYTES, type=int)
-@click.option("--workers", default=1, type=click.IntRange(min=1), help="N of a sync round.")
-@click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--rss-file", default=None, help="Write the RSS after imports and once ready here (JSON).")
-def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
-    """Child: a PSServer (sync, grad, SGD momentum 0.9) on a free port until stdin closes."""
-    keep_freed_memory_resident()
-    setup_logging("WARNING")
-    from paramhub.common.config import ServerConfig, Timeouts
-    from paramhub.common.models import initial_state_in_child
-    from paramhub.ps.server import PSServer
-
-    runtime_kb = bench_round.proc_status_kb("self", "VmRSS")  # torch, grpc: before any tensor
-    # A long lease: bench workers send no heartbeats, and may sit idle while the gloo group starts.
-    timeouts = Timeouts(lease=900, round=ROUND_TIMEOUT_S, pull_wait=30)
-    server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=workers,
-                                   mode="sync", update="grad", momentum=0.9, chunk_bytes=chunk_bytes,
-                                   wire_dtype=wire_dtype, timeouts=timeouts),
-                      build=initial_state_in_child)  # as ps-server: no torchvision in this process
-    try:
-        port = server.start()
-        if rss_file:
-            bench_round.write_server_rss(rss_file, runtime_kb)
-        _announce(port)
-        _wait_for_parent()
-    finally:
-        server.shutdown(grace=0)
-
-
-@main.command("serve-socket", hidden=True)
-@click.option("--nbytes", required=True, type=click.IntRange(min=1))
-def serve_socket(nbytes):
-    """Child: the plain-socket echo server on a free port until stdin closes."""
-    keep_freed_memory_resident()
-    listener = socket_baseline.listen(HOST)
-    # A daemon thread, so that the process ends when the parent goes, even mid-round.
-    threading.Thread(target=socket_baseline.serve_echo, args=(listener, nbytes), daemon=True).start()
-    _announce(listener.getsockname()[1])
-    _wait_for_parent()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``ps-bench round`` and ``ps-bench aggregate``: a whole sync round, and the server's update math.
 
-``round`` runs real processes: one parameter server (a ``serve-paramhub`` child,
-sync, gradient mode, SGD with momentum 0.9, the model's real layout) and N worker
-processes that each hold a ``PSClient``; and, for comparison, N processes in a
+``round`` runs real processes: one parameter server (a ``PSServer`` child,
+tools/bench_servers.py: sync, gradient mode, SGD with momentum 0.9, the model's
+real layout) and N worker processes that each hold a ``PSClient``; and, for
+comparison, N processes in a
 gloo process group. One paramhub round: every worker pushes a fixed random
 gradient based on the current version, the server averages the N pushes and
 applies SGD, every worker pulls the new version. One gloo round: an
@@ -11,9 +12,10 @@ Both kinds of rounds start from a barrier of their N processes and end when the
 last process is done; timestamps are CLOCK_MONOTONIC, which all processes share.
 The rounds alternate, so both see the same machine at the same moment.
 
-``aggregate`` times, in this process, a sync round of the real engine fed N pushes
-that have already arrived (each added to the sums, then the mean, the SGD step,
-publishing) against ``Tensor.copy_`` of the same N pushes' bytes.
+``aggregate`` times, in this process, a sync round of the engine ps-server builds
+(``ps.builder.build_engine``) fed N pushes that have already arrived (each added
+to the sums, then the mean, the SGD step, publishing) against ``Tensor.copy_`` of
+the same N pushes' bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import traceback
 
 import click
 
+from paramhub.tools.bench_servers import HOST, NUM_CLASSES, cpu_seconds, paramhub_server, proc_status_kb
+
 ROUND_GOAL_RATIO = 2.0  # the goal: a sync round at most twice gloo's all_reduce (4 workers, bf16)
 RSS_FIXED_MB = 300.0  # the server's memory budget: model bytes x (optimizer copies + 3) + 300 MB
 START_TIMEOUT_S = 300.0  # N children each import torch (and join, or form the gloo group) on few cores
@@ -42,20 +46,6 @@ GRADIENT_SCALE = 1e-3  # small enough that dozens of SGD steps keep the weights 
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def proc_status_kb(pid: int | str, field: str) -> int:
-    """A ``kB`` field of /proc/<pid>/status (VmHWM: peak resident set; VmRSS: current)."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of a process so far."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def _median_ratio(a: list[float], b: list[float]) -> float:
@@ -261,15 +251,12 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     Raises:
         click.ClickException: a child did not start, failed, or a round went wrong.
     """
-    from paramhub.tools.bench import HOST, ServerProcess  # here, not at the top: bench imports this module
-
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="paramhub-bench-round-"))
     rss_file = workdir / "server-rss.json"
     try:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: the groups stop before the server
-            server = stack.enter_context(ServerProcess(
-                ["serve-paramhub", "--model", model_name, "--workers", str(workers), "--wire-dtype", wire_dtype,
-                 "--rss-file", str(rss_file)]))
+            server = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
+                                                         rss_file=str(rss_file)))
             address = f"{HOST}:{server.wait_ready()}"
             ps_group = stack.enter_context(ChildGroup("paramhub worker", paramhub_worker, workers, (address,)))
             ready = ps_group.wait_ready()
@@ -383,34 +370,30 @@ def format_round(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_server_rss(path: str, runtime_kb: int) -> None:
-    """Child side of ``--rss-file``: the server's RSS after its imports and once ready."""
-    pathlib.Path(path).write_text(json.dumps({"runtime_kb": runtime_kb, "ready_kb": proc_status_kb("self", "VmRSS")}))
-
-
 # -- ps-bench aggregate --------------------------------------------------------------
 
 
 def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire_dtype: str = "fp32") -> dict:
     """Times the engine's update on N pushes against copying the same bytes; returns the figures.
 
-    One aggregate is a sync round of the real engine (``SyncRounds`` over a
-    ``ParameterStore``, SGD with momentum 0.9) fed N already-received pushes in
-    the wire dtype: the pushes are added to the mean in place and the last one
-    closes the round (mean, SGD step, publish). One copy: ``copy_`` of each push
-    into one preallocated set of regions, so both read the same N × wire bytes.
+    One aggregate is a sync round of the engine ps-server builds for ``--mode sync
+    --update grad --momentum 0.9 --workers N`` (``SyncRounds`` over a
+    ``ParameterStore``, SGD) fed N already-received pushes in the wire dtype: the
+    pushes are added to the mean in place and the last one closes the round (mean,
+    SGD step, publish). One copy: ``copy_`` of each push into one preallocated set
+    of regions, so both read the same N × wire bytes.
     """
     import torch
 
     from paramhub.common import codec
+    from paramhub.common.config import ServerConfig
     from paramhub.common.layout import Layout
     from paramhub.common.models import build_model
     from paramhub.common.pb import paramhub_pb2 as pb
-    from paramhub.ps.consistency import StagedPush, SyncRounds
+    from paramhub.ps.builder import build_engine
+    from paramhub.ps.consistency import StagedPush
     from paramhub.ps.registry import WorkerRegistry
-    from paramhub.ps.rules import SGDRule
     from paramhub.ps.store import ParameterStore
-    from paramhub.tools.bench import NUM_CLASSES
 
     model = build_model(model_name, NUM_CLASSES)
     layout = Layout.from_model(model)
@@ -423,7 +406,9 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire
               for _ in range(workers)]
     registry = WorkerRegistry(lease_timeout=3600.0)
     ids = [registry.join(f"bench-{i}", 1, False, i).worker_id for i in range(workers)]
-    engine = SyncRounds(store, SGDRule(lr=0.1, momentum=0.9), registry, num_workers=workers)
+    config = ServerConfig(model=model_name, num_classes=NUM_CLASSES, workers=workers, mode="sync", update="grad",
+                          lr=0.1, momentum=0.9)
+    engine = build_engine(config, store, registry)
     copies = wire_layout.empty_regions()
 
     def aggregate_round() -> float:

@@ -57,8 +57,8 @@ class Settings:
 
 def held_out(settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Unseen synthetic samples of the same classes (a disjoint noise seed range)."""
-    # common.data imports torchvision: imported where used, so that `ps-bench serve-paramhub`
-    # (this module's sibling command) runs its server without torchvision, as ps-server does
+    # common.data imports torchvision: imported where used, so that ps-bench (which imports this module)
+    # and its server child (tools/bench_servers.py) run without torchvision, as ps-server does
     from paramhub.common.data import SyntheticImages
 
     data = SyntheticImages(settings.eval_size, settings.classes, settings.image_size, index_offset=10_000_000)

@@ -23,10 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
                                         write_atomically)
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
-from paramhub.common.config import PRECISE_BN_BATCHES, staleness_bound_from_wire
+from paramhub.common.config import PRECISE_BN_BATCHES
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
 from paramhub.common.security import secure_channel
+from paramhub.ps.status import StatusView, from_response
 
 EXPORT_SUFFIXES = (".pt", ".safetensors")
 # Each subcommand reads PARAMHUB_<FLAG> (PARAMHUB_TOKEN, ...), like every console script; left to
@@ -207,25 +208,23 @@ def health(address, service, timeout, **security):
     raise SystemExit(0 if status == "SERVING" else 1)
 
 
-def status_table(status: pb.StatusResponse) -> str:
+def status_table(status: StatusView) -> str:
     """The server's status as text tables: the run, its workers, the staleness histogram."""
-    bound = staleness_bound_from_wire(status.staleness_bound)
-    bound = "unbounded" if bound is None else str(bound)
+    bound = "unbounded" if status.staleness_bound is None else str(status.staleness_bound)
     lines = [f"version {status.version}  mode {status.mode}/{status.update}  staleness bound {bound}  "
-             f"{'DONE' if status.done else 'running'}  epoch {status.server_epoch}",
+             f"{'DONE' if status.done else 'running'}  epoch {status.epoch}",
              f"pushes applied {status.pushes_applied}, rejected {status.pushes_rejected}; "
              f"waiting for the next update {status.round_pushes}; last loss {status.last_loss:.4f}", "",
              f"{'id':>3} {'name':<20} {'state':<6} {'applied':>8} {'dropped':>8} {'base':>7} {'loss':>8} {'seen':>7}"]
     for w in status.workers:
-        state = "alive" if w.alive else "left" if w.left else "lost"
-        lines.append(f"{w.worker_id:>3} {w.worker_name[:20]:<20} {state:<6} "
-                     f"{w.updates_applied:>8} {w.pushes_dropped:>8} {w.last_base_version:>7} {w.last_loss:>8.4f} "
+        lines.append(f"{w.worker_id:>3} {w.name[:20]:<20} {w.state:<6} "
+                     f"{w.applied:>8} {w.dropped:>8} {w.last_base_version:>7} {w.last_loss:>8.4f} "
                      f"{w.seconds_since_seen:>6.1f}s")
     lines.append(f"{status.live_workers} live, {status.departed_workers} departed"
-                 + (f"; {status.workers_not_listed} not listed (the oldest departures)"
-                    if status.workers_not_listed else ""))
+                 + (f"; {status.not_listed} not listed (the oldest departures)" if status.not_listed else ""))
     if status.staleness_histogram:
-        lines += ["", "staleness  pushes"] + [f"{h.staleness:>9}  {h.count}" for h in status.staleness_histogram]
+        lines += ["", "staleness  pushes"] + [f"{staleness:>9}  {count}"
+                                              for staleness, count in sorted(status.staleness_histogram.items())]
     return "\n".join(lines)
 
 
@@ -248,7 +247,7 @@ def status(address, as_json, timeout, **security):
     if as_json:
         click.echo(json.dumps(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)))
     else:
-        click.echo(status_table(reply))
+        click.echo(status_table(from_response(reply)))
 
 
 if __name__ == "__main__":
