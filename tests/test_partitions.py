@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from paramhub.common.config import WorkerConfig
 from paramhub.common.layout import Layout, LayoutError, partition_names
 from paramhub.common.models import build_model
 from paramhub.worker.client import PSClient, RunFailed
-from paramhub.worker.partitions import PartitionedClient, combine_layouts
+from paramhub.worker.partitions import PartitionedClient, RangeSlicer, combine_layouts
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,3 +96,30 @@ def test_addresses_that_are_not_one_model_s_partitions_are_refused(start_server)
     with PartitionedClient([PSClient(f"127.0.0.1:{s.port}", fast_timeouts()) for s in (a, b)]) as client:
         with pytest.raises(RunFailed, match="partitions 0/2, 0/2"):
             client.join("w")
+
+
+def test_a_plain_pull_honours_min_version_on_every_partition_and_the_slicer_is_replaceable(start_server):
+    """The evaluator's pull(min_version=v) must wait for v on each partition, not for the facade's own next."""
+    timeouts = dataclasses.replace(fast_timeouts(), pull_wait=0.3)
+    servers = [start_server(model="mlp", num_classes=4, partition=(k, 2), timeouts=timeouts) for k in range(2)]
+
+    class Recording(RangeSlicer):
+        splits = 0
+
+        def split(self, regions):
+            Recording.splits += 1
+            return super().split(regions)
+
+    clients = [PSClient(f"127.0.0.1:{s.port}", timeouts) for s in servers]
+    with PartitionedClient(clients, slicer=Recording()) as client:
+        info = client.join("reader", observer=True)
+        regions = info.layout.empty_regions()
+        assert client.pull(regions, min_version=0).version == 0  # at once: version 0 is there
+        whole = {**servers[0].layout.views(servers[0].store.snapshot().regions),
+                 **servers[1].layout.views(servers[1].store.snapshot().regions)}
+        assert all(torch.equal(info.layout.views(regions)[n], whole[n]) for n in whole)
+        for r in regions:
+            r.fill_(7)
+        assert client.pull(regions, min_version=1).version == 0  # the waits ended first: header only
+        assert all(bool((r == 7).all()) for r in regions)  # nothing written
+    assert Recording.splits == 2

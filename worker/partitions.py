@@ -1,18 +1,21 @@
 """Talking to a model split over several server partitions as if it were one server.
 
-Each ``ps-server --partition k/m`` holds a contiguous range of the model's tensors
-(state_dict order). Contiguous ranges make each partition's share of every region
-a contiguous slice of the whole model's region, so pulls land straight in views
-of one set of buffers (no gather copy) and pushes send slices of them. All
-partitions are called in parallel; each keeps its own version, which the
-facade tracks, so the trainer sees one client with one layout.
+``PartitionedClient`` calls m partition servers in parallel and tracks each one's
+version, so the trainer sees one client with one layout. Where each partition's
+tensors sit in the whole model is a ``Slicer``'s business (ps-lite's name for it):
+``RangeSlicer``, for ``ps-server --partition k/m``, which holds a contiguous range
+of the model's tensors (state_dict order). Contiguous ranges make each
+partition's share of every region a contiguous slice of the whole model's
+region, so pulls land straight in views of one set of buffers (no gather copy)
+and pushes send slices of them. Each partition's client encodes its slices in the
+run's codec on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import torch
 
@@ -56,19 +59,44 @@ def combine_layouts(layouts: list[Layout]) -> tuple[Layout, list[_Slices]]:
     return combined, slices
 
 
+class Slicer(Protocol):
+    """How one model's regions are split over m partition servers."""
+
+    def combine(self, layouts: list[Layout]) -> Layout:
+        """The whole model's layout from the partitions' (in partition order); RunFailed if they do not fit."""
+
+    def split(self, regions: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each partition's share of the whole model's ``regions`` (as views), after ``combine``."""
+
+
+class RangeSlicer:
+    """Partitions that hold contiguous ranges of the model's tensors (``ps-server --partition k/m``)."""
+
+    def __init__(self):
+        self._slices: list[_Slices] = []
+
+    def combine(self, layouts: list[Layout]) -> Layout:
+        combined, self._slices = combine_layouts(layouts)
+        return combined
+
+    def split(self, regions: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [part.of(regions) for part in self._slices]
+
+
 class PartitionedClient:
-    """The PSClient interface over m partition servers.
+    """The ParameterClient interface over m partition servers.
 
     Args:
         clients: one PSClient per partition address (any order; Join tells which is which).
+        slicer: where each partition's tensors sit in the whole model (default: contiguous ranges).
     """
 
-    def __init__(self, clients: list[PSClient]):
+    def __init__(self, clients: list[PSClient], slicer: Slicer | None = None):
         self.clients = clients
         self.address = ",".join(c.address for c in clients)
         self._pool = ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="partition")
         self.info: JoinInfo | None = None
-        self._slices: list[_Slices] = []
+        self._slicer = slicer or RangeSlicer()
         self._next: list[int] = []  # each partition's next version to pull
         self._pulled: list[int] = []
 
@@ -101,23 +129,28 @@ class PartitionedClient:
             raise RunFailed(f"--server lists {len(infos)} addresses, but they are partitions {found}")
         if len({(i.model.arch, i.model.num_classes, i.run.mode, i.run.update, i.run.codec) for i in infos}) != 1:
             raise RunFailed("the partition servers run different models, modes or codecs")
-        combined, self._slices = combine_layouts([i.layout for i in infos])
+        combined = self._slicer.combine([i.layout for i in infos])
         self._next = [i.version for i in infos]
         self._pulled = list(self._next)  # the version each partition last sent us: the next push's base
         self.info = dataclasses.replace(infos[0], layout=combined, version=min(self._next))
         return self.info
 
     def pull(self, regions: list[torch.Tensor], min_version: int = 0) -> pb.PullHeader:
-        """Pulls every partition into its slices of ``regions`` (each at its own next version)."""
-        return self._combine_headers(self._each(
-            lambda i, c: c.pull(self._slices[i].of(regions), self._next[i])))
+        """Pulls every partition into its share of ``regions``, each at ``min_version`` or newer.
+
+        The header's version is the lowest of the partitions' (so at least
+        ``min_version`` unless a partition's wait ended first, as with one server).
+        """
+        shares = self._slicer.split(regions)
+        return self._combine_headers(self._each(lambda i, c: c.pull(shares[i], min_version)))
 
     def wait_and_pull(self, regions: list[torch.Tensor], min_version: int) -> pb.PullHeader:
         """Pulls every partition once its own next version is there (or the run is done).
 
         ``min_version`` is ignored: each partition has its own, from its last reply.
         """
-        headers = self._each(lambda i, c: c.wait_and_pull(self._slices[i].of(regions), self._next[i]))
+        shares = self._slicer.split(regions)
+        headers = self._each(lambda i, c: c.wait_and_pull(shares[i], self._next[i]))
         self._pulled = [h.version for h in headers]
         return self._combine_headers(headers)
 
@@ -132,8 +165,9 @@ class PartitionedClient:
         Each partition's client encodes its slices in the run's codec (a top-k
         codec picks its elements per partition region, with its own residual).
         """
+        shares = self._slicer.split(regions)
         replies = self._each(lambda i, c: c.push(
-            kind, self._pulled[i], self._slices[i].of(regions), num_samples, loss, dry_run, keeps_base=keeps_base))
+            kind, self._pulled[i], shares[i], num_samples, loss, dry_run, keeps_base=keeps_base))
         self._next = [r.next_version for r in replies]
         accepted = all(r.outcome == pb.PUSH_OUTCOME_ACCEPTED for r in replies)
         return pb.PushResponse(
@@ -155,6 +189,6 @@ class PartitionedClient:
         """Leaves every partition (best effort)."""
         self._each(lambda i, c: c.leave())
 
-    def status(self) -> list[pb.StatusResponse]:
-        """Every partition's status, in partition order."""
+    def partition_statuses(self) -> list[pb.StatusResponse]:
+        """Every partition's own status, in partition order (each server counts its own versions)."""
         return self._each(lambda i, c: c.status())
