@@ -4,7 +4,7 @@ Three layers, from always-on to opt-in:
 
 1. **Bounds on every push** (always): its values are finite and at most
    ``max_abs`` in magnitude (checked chunk by chunk as they arrive, in
-   ``codec.PieceCollector``), and it claims at most ``MAX_SAMPLES_PER_PUSH``
+   the codec's receivers, ``common/codecs``), and it claims at most ``MAX_SAMPLES_PER_PUSH``
    samples. Together they keep the server's sums finite: finite values of 3e38
    from two workers overflowed the mean to inf before. Legitimate gradients,
    deltas and BatchNorm statistics stay many orders of magnitude below the

@@ -18,8 +18,6 @@ import functools
 import importlib.metadata
 import logging
 
-import torch
-
 from paramhub.common.codecs.base import (CodecError, EncodedPush, PushEncoder, PushReceiver, RegionEncoding,
                                          RegionReceiver, UpdateCodec)
 from paramhub.common.codecs.dense import BFloat16, Float16, Float32
@@ -107,11 +105,3 @@ def for_header(name: str, sparse: bool) -> UpdateCodec | None:
                          f"sparse={sparse}")
     return codec
 
-
-def wire_dtype_of(name: str) -> torch.dtype:
-    """The torch dtype of a ``--wire-dtype`` name (fp32, bf16, fp16)."""
-    from paramhub.common.codec import WIRE_DTYPES
-
-    if name not in WIRE_DTYPES:
-        raise CodecError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
-    return WIRE_DTYPES[name]
