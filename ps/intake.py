@@ -102,7 +102,7 @@ class PushIntake:
         """
         with self._lock:
             last = self._last_push(worker_id, incarnation)
-            if sequence == last.sequence:
+            if last.sequence and sequence == last.sequence:  # sequences start at 1: 0 is "none yet"
                 return self._await_reply(last, worker_id, sequence, wait_s)
             while True:
                 now = self._clock()
@@ -127,7 +127,7 @@ class PushIntake:
         with self._lock:
             self._free(ticket)
             last = self._last_push(ticket.worker_id, ticket.incarnation)
-            if ticket.sequence == last.sequence:
+            if last.sequence and ticket.sequence == last.sequence:
                 return self._await_reply(last, ticket.worker_id, ticket.sequence, ticket.wait_s)
             if ticket.sequence < last.sequence:
                 raise FailedPrecondition(

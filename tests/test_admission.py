@@ -157,8 +157,8 @@ def test_a_push_held_for_a_slower_worker_lets_that_worker_s_push_in(start_server
     assert reply.outcome == held["reply"].outcome == pb.PUSH_OUTCOME_ACCEPTED and server.store.version == 1
 
 
-def test_a_push_cut_short_frees_its_place(start_server, connect):
-    """With one place, a push whose stream fails midway must not keep the next push out."""
+def test_a_refused_push_frees_its_place(start_server, connect):
+    """With one place, a push refused while it is received must not keep the next push out."""
     server = start_server()
     server.engine.intake.stale_s = 600
     client = connect(server.port)
