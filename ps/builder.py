@@ -124,7 +124,8 @@ PUSH_KINDS = {"grad": pb.PUSH_KIND_GRADIENT, "avg": pb.PUSH_KIND_DELTA}
 def build_engine(config: ServerConfig, store: ParameterStore, registry: WorkerRegistry, *,
                  ledger: Ledger | None = None, metrics: MetricsHook | None = None) -> ConsistencyEngine:
     """The consistency engine of ``--mode`` with the update rule of ``--update``, as ps-server runs them."""
-    return ENGINES[config.mode](config, store, RULES[config.update](config), registry, ledger=ledger, metrics=metrics)
+    return ENGINES[config.mode](config, store, RULES[config.update](config), registry, ledger=ledger, metrics=metrics,
+                                concurrent_pushes=config.concurrent_pushes)
 
 
 # -- the weights: initial or resumed ----------------------------------------------------
@@ -267,7 +268,7 @@ def _servicer(config: ServerConfig, engine: ConsistencyEngine, layouts: Layouts,
         expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
         frozen=(layouts.frozen, frozen_regions) if layouts.frozen else None,
         stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
-        concurrent_pushes=config.concurrent_pushes, screen=screen, limits=limits, metrics=metrics,
+        screen=screen, limits=limits, metrics=metrics,
     )
 
 

@@ -1,10 +1,14 @@
 """Who may apply when: the consistency engines.
 
-An engine takes a validated, fully received push and decides, under the store's
-lock, whether it joins the current round, is applied, waits, or is dropped. It
-owns the dedup check, so a retried push is applied at most once, and the ledger
-of applied updates. The servicer calls ``submit``, ``on_pull`` and ``tick``
-without knowing which engine it has.
+An engine owns a push on the server from its header to its reply. Before the
+push is received, ``begin`` answers a retry from memory or lets the push in
+(``PushIntake``: at most ``--concurrent-pushes`` received at once); once it is
+received whole and validated, ``submit`` decides, under the store's lock, whether
+it joins the current round, is applied, waits, or is dropped. The engine keeps
+each worker's last push and its reply, so a retried push is applied at most once,
+and the ledger of applied updates. The servicer calls ``begin``, ``submit``,
+``release`` and ``on_pull`` without knowing which engine it has; the Ticker calls
+``tick``.
 
 - ``SyncRounds`` (``--mode sync``): bulk-synchronous rounds with backup workers,
   or (``--quorum auto``) rounds that close after a quorum and an adaptive grace
@@ -29,8 +33,9 @@ from typing import Callable
 from paramhub.common.codec import Piece
 from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.ps.errors import FailedPrecondition, Unavailable
+from paramhub.ps.errors import FailedPrecondition
 from paramhub.ps.grace import GraceWindow
+from paramhub.ps.intake import PushIntake, Ticket
 from paramhub.ps.ledger import Ledger, LedgerEntry
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
@@ -49,12 +54,10 @@ class StagedPush:
     incarnation: int
     sequence: int
     base_version: int
-    kind: int
     num_samples: int
     loss: float
     pieces: list[Piece]  # the update's values, as received (codec.whole_regions for full tensors)
     keeps_base: bool = False  # the worker goes on computing from base_version (it overlaps transfers)
-    parked: Callable[[], None] | None = None  # called if it waits for slower workers (frees its admission)
     clip: float = 1.0  # robust clipping's factor for the PARAM update (screen.NormClip; 1.0 when off)
 
 
@@ -92,7 +95,7 @@ def damping_scale(staleness: int) -> float:
 
 
 class ConsistencyEngine:
-    """Shared machinery: dedup, progress accounting, the ledger, applying a mean update.
+    """Shared machinery: a push's way in (``intake``), progress accounting, the ledger, applying a mean update.
 
     Subclasses implement ``_admit`` (and optionally ``_on_tick``, ``on_pull``),
     called with the store's lock held.
@@ -105,12 +108,14 @@ class ConsistencyEngine:
         damping: scale each update by 1/(1+staleness).
         ledger: the applied updates so far (a resumed run's); default empty.
         metrics: where events go (the server's ServerMetrics); default nowhere.
+        concurrent_pushes: pushes received at once (each holds up to the model's wire size).
         clock: injectable monotonic clock.
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
                  max_versions: int | None = None, damping: bool = False, ledger: Ledger | None = None,
-                 metrics: MetricsHook | None = None, clock: Callable[[], float] = time.monotonic):
+                 metrics: MetricsHook | None = None, concurrent_pushes: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.rule = rule
         self.registry = registry
@@ -128,66 +133,55 @@ class ConsistencyEngine:
         self.metrics = metrics or MetricsHook()
         # set when the engine has a new deadline sooner than the Ticker's next tick (see ``due_in``)
         self.wakeup = threading.Event()
+        # dedup memory, pushes being received, duplicates waiting: all under the store's lock
+        self.intake = PushIntake(store.lock, limit=concurrent_pushes, clock=clock)
 
     # -- called by the servicer -----------------------------------------------------
 
-    def submit(self, push: StagedPush, wait_timeout: float = 30.0) -> PushResult:
-        """Handles one push exactly once.
+    def begin(self, worker_id: int, incarnation: int, sequence: int, wait_s: float = 30.0) -> PushResult | Ticket:
+        """Before a push is received: the reply of the push it retries, or a ticket to receive it.
 
-        A retry of the push in progress or of the last one gets the same reply; an
-        older sequence is refused.
+        A retry waits up to ``wait_s`` for an original the engine still holds; any other
+        push waits for its place among those received at once (``PushIntake.begin``).
+        The ticket goes to ``submit`` with the push, or to ``release`` if none follows.
         """
+        return self.intake.begin(worker_id, incarnation, sequence, wait_s)
+
+    def submit(self, push: StagedPush, ticket: Ticket | None = None) -> PushResult:
+        """Handles one push, received whole and validated, exactly once.
+
+        ``ticket`` is what ``begin`` gave before the push was received; a push already
+        in memory (no ticket) begins here. A retry of the push in progress or of the
+        last one gets the same reply; an older sequence is refused.
+        """
+        if ticket is None:
+            ticket = self.begin(push.worker_id, push.incarnation, push.sequence)
+            if not isinstance(ticket, Ticket):
+                return ticket  # a retry of the last push: its reply
         with self.store.lock:
-            record = self.registry.get(push.worker_id, push.incarnation)
-            if push.sequence == record.last_sequence:
-                return self._await_reply(record, push.sequence, wait_timeout)
-            if push.sequence < record.last_sequence:
-                raise FailedPrecondition(
-                    f"push sequence {push.sequence} is older than the last one ({record.last_sequence})")
-            previous = record.last_sequence, record.last_reply
-            record.last_sequence, record.last_reply = push.sequence, None
             try:
+                record = self.registry.get(push.worker_id, push.incarnation)
+                original = self.intake.take(ticket)  # from here on it holds no place, waiting or not
+                if original is not None:
+                    return original  # a duplicate: the reply of the push it repeats
                 result = (self._result(pb.PUSH_OUTCOME_DROPPED, reason="run_done") if self.store.done
                           else self._admit(push, record))
             except BaseException:
-                # nothing was applied: a retry may try again, and a retry of the push before still gets its reply
-                record.last_sequence, record.last_reply = previous
-                self.store.lock.notify_all()
+                self.intake.release(ticket)  # nothing was applied
                 raise
-            record.last_reply = result
-            record.last_base_version = push.base_version
-            if result.outcome == pb.PUSH_OUTCOME_ACCEPTED:
-                record.pushes_accepted += 1
-                record.last_loss = push.loss
+            self.intake.answer(ticket, result)
+            accepted = result.outcome == pb.PUSH_OUTCOME_ACCEPTED
+            self.registry.count_push(push.worker_id, accepted, push.base_version, push.loss)
+            if accepted:
                 self.metrics.push_accepted(push.worker_id, push.num_samples)
             else:
-                record.pushes_dropped += 1
                 self.pushes_dropped += 1
                 self.metrics.push_dropped(push.worker_id, result.reason)
-            self.store.lock.notify_all()
             return result
 
-    def _await_reply(self, record: WorkerRecord, sequence: int, timeout: float) -> PushResult:
-        """Waits (bounded) for the reply of a push with the same sequence still in progress."""
-        deadline = self._clock() + timeout
-        while record.last_reply is None and record.last_sequence == sequence:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise Unavailable(f"push {sequence} of {record.name} is still in progress; retry later")
-            self.store.lock.wait(remaining)
-        if record.last_sequence != sequence:
-            raise Unavailable(f"push {sequence} of {record.name} failed; send it again")
-        return record.last_reply
-
-    def stored_reply(self, worker_id: int, incarnation: int, sequence: int) -> PushResult | None:
-        """The reply of an applied push when ``sequence`` repeats it (a retry), else None.
-
-        Asked before a push's chunks are received, so a retry costs no validation;
-        the dedup memory is read under the lock ``submit`` writes it under.
-        """
-        with self.store.lock:
-            record = self.registry.get(worker_id, incarnation)
-            return record.last_reply if sequence == record.last_sequence else None
+    def release(self, ticket: Ticket) -> None:
+        """Ends a ticket however its push ended (a dry run, a stream cut short, an error); idempotent."""
+        self.intake.release(ticket)
 
     def progress(self) -> Progress:
         """Version, ledger summary and counters, taken together under the store's lock."""
@@ -202,7 +196,9 @@ class ConsistencyEngine:
     def tick(self) -> None:
         """Periodic housekeeping: expire leases, let the engine react (round timeouts)."""
         lost = self.registry.expire()
+        known = self.registry.known_ids()
         with self.store.lock:
+            self.intake.keep_only(known)  # forgotten records never push again
             if not self.store.done:
                 self._on_tick([r.worker_id for r in lost])
             self.store.lock.notify_all()
@@ -521,8 +517,9 @@ class AsyncEngine(ConsistencyEngine):
       settles its base (once) and everything older; a push marked ``keeps_base`` (the
       worker computes on the same weights again) leaves its base pending while
       that base is still within the bound, and its reply says so (``base_kept``);
-    - a push that starts to wait calls ``parked`` (the servicer frees its admission
-      slot), so the pushes it waits for can be received;
+    - a waiting push no longer counts against ``--concurrent-pushes`` (the intake
+      freed its place when the engine took it), so the pushes it waits for can be
+      received;
     - when every worker that blocks progress is itself waiting, their pushes are
       applied together as one update (with s = 0 this is exactly a sync round);
     - a wait ends after ``wait_timeout`` seconds (the stragglers' later pushes
@@ -623,8 +620,6 @@ class AsyncEngine(ConsistencyEngine):
         started = self._clock()
         deadline = started + self.wait_timeout
         key = (push.worker_id, push.sequence)
-        if key not in self._applied and push.parked is not None:
-            push.parked()  # received whole and waiting: others' pushes may come in meanwhile
         while key not in self._applied:
             remaining = deadline - self._clock()
             if remaining <= 0:

@@ -1,4 +1,4 @@
-"""Who the workers are: ids, incarnations, leases, progress, and the dedup memory."""
+"""Who the workers are: ids, incarnations, leases and progress."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ class WorkerRecord:
     pushes_dropped: int = 0
     last_base_version: int = 0
     last_loss: float = float("nan")
-    last_sequence: int = 0
-    last_reply: object = None  # the reply to last_sequence, returned again for a retry
     joined: bool = True  # False for records restored from a checkpoint until the worker joins again
     left: bool = False  # this incarnation said Leave: its calls are refused until it joins again
     departure: int = 0  # orders departures (Leave or lease expiry): the larger, the more recent
@@ -102,9 +100,7 @@ class WorkerRegistry:
                 if not existing.alive:
                     self._check_room()
                 if incarnation > existing.incarnation:
-                    existing.incarnation = incarnation
-                    existing.last_sequence = 0
-                    existing.last_reply = None
+                    existing.incarnation = incarnation  # its pushes start over (the engine's intake sees it)
                 existing.alive = existing.joined = True
                 existing.left = False
                 existing.last_seen = now
@@ -165,6 +161,24 @@ class WorkerRegistry:
                 record.last_seen = self._clock()
                 record.alive = True
             return True
+
+    def count_push(self, worker_id: int, accepted: bool, base_version: int, loss: float) -> None:
+        """Counts a push the engine handled (accepted, or dropped) in its worker's progress."""
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is None:
+                return  # forgotten meanwhile
+            record.last_base_version = base_version
+            if accepted:
+                record.pushes_accepted += 1
+                record.last_loss = loss
+            else:
+                record.pushes_dropped += 1
+
+    def known_ids(self) -> set[int]:
+        """The ids of every record remembered (live or departed)."""
+        with self._lock:
+            return set(self._by_id)
 
     def leave(self, worker_id: int, incarnation: int) -> WorkerRecord:
         """Ends a worker's lease now, for good: its later calls are refused until it joins again.

@@ -1,5 +1,9 @@
 """The thin gRPC servicer: decode, validate, hand to the store and the engine.
 
+A push's state (its dedup memory, its place among the pushes received at once,
+its wait) is the engine's: the servicer asks ``engine.begin`` before it reads the
+chunks and hands the received push to ``engine.submit``.
+
 It never branches on the consistency mode or update rule: the engine it is given
 decides. Errors are raised as ``PSError`` subclasses (or codec/layout errors) and
 turned into status codes in one place, ``_abort_on_error``.
@@ -14,7 +18,7 @@ import math
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from typing import Iterator
 
 import grpc
 import torch
@@ -22,10 +26,10 @@ import torch
 from paramhub.common import codec, codecs
 from paramhub.common.layout import PARAM, Layout, LayoutError
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.ps.admission import PushAdmission
-from paramhub.ps.consistency import ConsistencyEngine, StagedPush
+from paramhub.ps.consistency import ConsistencyEngine, PushResult, StagedPush
 from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable, abort_rpc
 from paramhub.ps.identity import check_join, printable
+from paramhub.ps.intake import Ticket
 from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
@@ -71,7 +75,7 @@ class ParameterServerServicer:
         chunk_bytes: payload bytes per chunk sent, and the most accepted per chunk.
         pull_wait_s: the longest a Pull waits for a newer version.
         expected_kind: the PushKind this run's update rule takes.
-        concurrent_pushes: pushes received and held at once (each up to the wire layout's size).
+        push_wait_s: the longest a retry waits for its original's reply.
         limits: how many Push and Pull streams may be open at once (in all, per peer); default unlimited.
         stall_s: a stream that makes no progress this long is cancelled (``StallGuard``).
         screen: what a push's values may be and how it counts (default: bounded values, no clipping).
@@ -81,7 +85,7 @@ class ParameterServerServicer:
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
                  chunk_bytes: int, pull_wait_s: float, expected_kind: int, push_wait_s: float = 300.0,
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
-                 wire_dtype: torch.dtype = torch.float32, concurrent_pushes: int = 1,
+                 wire_dtype: torch.dtype = torch.float32,
                  screen: UpdateScreen | None = None, limits: StreamLimits | None = None,
                  metrics: MetricsHook | None = None):
         self.engine = engine
@@ -109,7 +113,6 @@ class ParameterServerServicer:
         self.wire_layout = self.layout.on_wire(wire_dtype)
         # concurrent pulls share one encoding
         self._pull_cache = PullCache(self.wire_layout, self._all_regions, chunk_bytes)
-        self._admission = PushAdmission(limit=concurrent_pushes)  # each push held costs up to its wire size
         self.screen = screen or UpdateScreen(self._param_regions)
         self.limits = limits or StreamLimits(total=1 << 30, per_peer=1 << 30)
         self._busy_logged = 0.0  # when a refused stream was last logged (a flood of them is logged every 10 s)
@@ -236,19 +239,18 @@ class ParameterServerServicer:
         if record.observer:
             raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
         self._check_header(header)
-        replayed = self.engine.stored_reply(header.worker_id, header.incarnation, header.sequence)
-        if replayed is not None:
+        admitted = self.engine.begin(header.worker_id, header.incarnation, header.sequence, wait_s=self.push_wait_s)
+        if isinstance(admitted, PushResult):
             for _ in messages:  # a retry of an applied push: same reply, nothing applied
                 pass
-            return self._response(replayed)
-        ticket = self._admission.admit()
+            return self._response(admitted)
         try:
-            return self._receive_and_submit(header, record, messages, parked=lambda: self._admission.leave(ticket))
+            return self._receive_and_submit(header, record, messages, admitted)
         finally:
-            self._admission.leave(ticket)  # the engine has applied, accumulated or dropped it by now
+            self.engine.release(admitted)  # a no-op once the engine answered
 
     def _receive_and_submit(self, header: pb.PushHeader, record, messages: Iterator[object],
-                            parked: Callable[[], None]) -> pb.PushResponse:
+                            ticket: Ticket) -> pb.PushResponse:
         # The push is kept as views of the received messages, checked as they arrive.
         receiver = codecs.PushReceiver(self._codec_of(header), self.layout, self.wire_dtype,
                                        max_abs=self.screen.max_abs, chunk_bytes=self.chunk_bytes)
@@ -285,11 +287,11 @@ class ParameterServerServicer:
                                    next_version=snap.version, done=snap.done, server_epoch=self.epoch)
         pieces = receiver.pieces
         weighing = self.screen.weigh(pieces, header.num_samples)
-        result = self.engine.submit(wait_timeout=self.push_wait_s, push=StagedPush(
+        result = self.engine.submit(StagedPush(
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
-            base_version=header.base_version, kind=header.kind, num_samples=weighing.num_samples,
-            loss=header.loss, pieces=pieces, keeps_base=header.keeps_base, parked=parked, clip=weighing.clip,
-        ))
+            base_version=header.base_version, num_samples=weighing.num_samples,
+            loss=header.loss, pieces=pieces, keeps_base=header.keeps_base, clip=weighing.clip,
+        ), ticket)
         return self._response(result)
 
     def _check_header(self, header: pb.PushHeader) -> None:

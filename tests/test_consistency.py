@@ -56,8 +56,7 @@ class Pusher:
     def __call__(self, worker_id: int, base: int, value: float | torch.Tensor, samples: int = 1) -> StagedPush:
         self.sequence[worker_id] = self.sequence.get(worker_id, 0) + 1
         values = value.clone() if isinstance(value, torch.Tensor) else torch.full((SIZE,), float(value))
-        return StagedPush(worker_id, 1, self.sequence[worker_id], base, pb.PUSH_KIND_GRADIENT, samples, 0.0,
-                          whole_regions([values]))
+        return StagedPush(worker_id, 1, self.sequence[worker_id], base, samples, 0.0, whole_regions([values]))
 
 
 def weights(engine) -> torch.Tensor:
@@ -524,8 +523,7 @@ def test_batch_share_scales_the_params_but_not_the_batchnorm_statistics():
     registry = WorkerRegistry(lease_timeout=10.0)
     a, _ = (registry.join(f"w{i}", 1, False, i).worker_id for i in range(2))
     engine = AsyncEngine(store, SGDRule(lr=1.0), registry, batch_share=True)
-    engine.submit(StagedPush(a, 1, 1, 0, pb.PUSH_KIND_GRADIENT, 8, 0.0,
-                             whole_regions([torch.full((SIZE,), 2.0), torch.full((4,), 3.0)])))
+    engine.submit(StagedPush(a, 1, 1, 0, 8, 0.0, whole_regions([torch.full((SIZE,), 2.0), torch.full((4,), 3.0)])))
     param, buffer = store.snapshot().regions
     torch.testing.assert_close(param, torch.full((SIZE,), -1.0))  # half a step
     torch.testing.assert_close(buffer, torch.full((4,), 3.0))  # the statistics as pushed

@@ -50,15 +50,15 @@ def test_same_name_keeps_its_id_across_incarnations(registry):
     assert len(registry.trainers()) == 2
 
 
-def test_new_incarnation_forgets_dedup_memory(registry):
+def test_count_push_keeps_a_worker_s_progress_and_ignores_a_forgotten_id(registry):
     rec = registry.join("w", incarnation=1, observer=False, shard=0)
-    live = registry.get(rec.worker_id, 1)
-    live.last_sequence, live.last_reply = 7, "reply-7"
-    registry.join("w", incarnation=1, observer=False, shard=0)  # retry: memory kept
-    assert registry.get(rec.worker_id, 1).last_sequence == 7
-    registry.join("w", incarnation=2, observer=False, shard=0)  # restart: sequences start over
-    live = registry.get(rec.worker_id, 2)
-    assert (live.last_sequence, live.last_reply) == (0, None)
+    registry.count_push(rec.worker_id, accepted=True, base_version=3, loss=0.5)
+    registry.count_push(rec.worker_id, accepted=False, base_version=4, loss=9.0)
+    counted = registry.trainer(rec.worker_id)
+    assert (counted.pushes_accepted, counted.pushes_dropped, counted.last_base_version, counted.last_loss) == \
+        (1, 1, 4, 0.5)  # a dropped push's loss is not the worker's last
+    registry.count_push(rec.worker_id + 1, accepted=True, base_version=0, loss=0.0)  # no such record: nothing
+    assert registry.known_ids() == {rec.worker_id}
 
 
 def test_old_incarnation_is_refused(registry):

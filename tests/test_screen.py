@@ -164,7 +164,7 @@ def _quadratic_run(clip: NormClip | None, mode: str, versions: int = 40) -> floa
                 grad, samples = -50 * (w - target) - 5.0, 800
             pieces = codec.whole_regions([grad])
             weighing = screen.weigh(pieces, samples)
-            engine.submit(StagedPush(worker_id, 0, sequence, base if mode == "sync" else store.version, GRAD,
+            engine.submit(StagedPush(worker_id, 0, sequence, base if mode == "sync" else store.version,
                                      weighing.num_samples, 1.0, pieces, clip=weighing.clip))
     assert codec.finite(store.snapshot().regions[0])
     return float((store.snapshot().regions[0] - target).norm())

@@ -9,7 +9,6 @@ import torch
 
 from paramhub.common.codec import whole_regions
 from paramhub.common.layout import BUFFER, PARAM, Layout
-from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import StagedPush, SyncRounds
 from paramhub.ps.registry import WorkerRegistry
 from paramhub.ps.rules import SGDRule
@@ -69,7 +68,7 @@ def test_reading_waits_for_the_version_asked_for():
 
 def _round(engine, push_ids, version: int, value: float, sequence: int) -> None:
     for worker in push_ids:
-        engine.submit(StagedPush(worker, 1, sequence, version, pb.PUSH_KIND_GRADIENT, 1, 0.0,
+        engine.submit(StagedPush(worker, 1, sequence, version, 1, 0.0,
                                  whole_regions([torch.full((6,), value), torch.full((2,), value)])))
 
 

@@ -389,7 +389,6 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire
     from paramhub.common.config import ServerConfig
     from paramhub.common.layout import Layout
     from paramhub.common.models import build_model
-    from paramhub.common.pb import paramhub_pb2 as pb
     from paramhub.ps.builder import build_engine
     from paramhub.ps.consistency import StagedPush
     from paramhub.ps.registry import WorkerRegistry
@@ -415,7 +414,7 @@ def run_aggregate(model_name: str, workers: int, repeats: int, warmup: int, wire
         version = store.version
         start = time.perf_counter()
         for worker_id, push in zip(ids, pushes):
-            engine.submit(StagedPush(worker_id, 1, version + 1, version, pb.PUSH_KIND_GRADIENT, 1, 0.0,
+            engine.submit(StagedPush(worker_id, 1, version + 1, version, 1, 0.0,
                                      codec.whole_regions(push)))
         elapsed = time.perf_counter() - start
         if store.version != version + 1:

@@ -92,9 +92,20 @@ class ParameterServerServicer:
         header only (see PullHeader.version), TensorChunks covering every region of
         the layout by the chunk rules (top of paramhub.proto), in the wire dtype.
         A client checks the coverage itself: a stream that ends early was cut off
-        and must be pulled again. Read-only but for the lease and the SSP
-        accounting (a pull tells the server the version the worker computes from;
-        pulling the same version again changes nothing): safe to retry.
+        and must be pulled again. A pull changes two things on the server, and
+        repeating it adds nothing, so it is safe to retry: it renews the lease of a
+        known worker_id (as Heartbeat does), and under a staleness bound (async
+        with --staleness) a trainer's pull that gets chunks records, just before
+        they are sent, the version as one that worker may push from. The server
+        holds faster workers' pushes back so that no recorded version falls more
+        than the bound behind, so it must learn the version when the worker starts
+        computing on it, not when that worker pushes. The version replaces the one
+        the worker's previous pull recorded (a retry or a poll leaves one, the
+        latest), or, when the worker's push was answered since, is added to the
+        versions still pending for it (a keeps_base push leaves its base pending
+        while the worker prefetches the next weights); nothing is recorded while
+        the worker's own push waits under the bound. Anonymous, observer, frozen
+        and header-only pulls record nothing.
         Codes: FAILED_PRECONDITION (layout_hash differs: Join again; frozen asked
         but the run has none), NOT_FOUND (worker_id did not join this server
         process, e.g. it restarted: Join again), RESOURCE_EXHAUSTED with the
