@@ -50,11 +50,6 @@ class Ledger:
         self.applied_per_worker[entry.worker_id] += 1
         self.total += 1
 
-    @property
-    def max_staleness(self) -> int:
-        """The largest staleness ever applied (0 before any update)."""
-        return max(self.staleness_histogram, default=0)
-
     # -- checkpointing ------------------------------------------------------------------
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
