@@ -51,3 +51,18 @@ def test_aggregate_json_reports_positive_times_and_ratio():
         assert isinstance(report[key], float) and report[key] > 0, (key, report)
     assert report["ratio"] == pytest.approx(report["aggregate_s"] / report["copy_s"])
     assert report["workers"] == 2 and report["bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_codecs_json_reports_bytes_against_fp32_from_what_was_encoded():
+    report = _bench_json("codecs", "--model", "mlp", "--image-size", "8", "--repeats", "1",
+                         "--codecs", "fp32,bf16,int8,topk2bit:ratio=0.01")
+    rows = {r["codec"]: r for r in report["rows"]}
+    assert rows["fp32"]["fewer_bytes_than_fp32"] == 1.0
+    assert 1.9 < rows["bf16"]["fewer_bytes_than_fp32"] <= 2.0  # half, plus the same framing
+    assert 3.5 < rows["int8"]["fewer_bytes_than_fp32"] <= 4.0
+    assert rows["topk2bit:ratio=0.01"]["pairs"] > 0 and rows["topk2bit:ratio=0.01"]["fewer_bytes_than_fp32"] > 10
+    assert all(r["encode_s"] > 0 and r["receive_s"] > 0 for r in rows.values())
+    with pytest.raises(AssertionError):  # an unknown codec is a usage error, not a traceback
+        _bench_json("codecs", "--model", "mlp", "--codecs", "nope")

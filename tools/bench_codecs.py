@@ -17,6 +17,7 @@ from paramhub.common import codec as wire
 from paramhub.common import codecs
 from paramhub.common.layout import PARAM, Layout
 from paramhub.common.models import build_model
+from paramhub.tools.bench_servers import NUM_CLASSES
 
 DEFAULT_SPECS = ("fp32", "bf16", "fp16", "int8", "topk:ratio=0.01", "topk2bit:ratio=0.01")
 
@@ -24,9 +25,9 @@ DEFAULT_SPECS = ("fp32", "bf16", "fp16", "int8", "topk:ratio=0.01", "topk2bit:ra
 def gradient_regions(model_name: str, image_size: int, seed: int = 0):
     """The model's layout and one real gradient (PARAM regions) with its buffers, as flat regions."""
     torch.manual_seed(seed)
-    model = build_model(model_name, 10)
+    model = build_model(model_name, NUM_CLASSES)
     images = torch.randn(4, 3, image_size, image_size)
-    torch.nn.functional.cross_entropy(model(images), torch.randint(10, (4,))).backward()
+    torch.nn.functional.cross_entropy(model(images), torch.randint(NUM_CLASSES, (4,))).backward()
     layout = Layout.from_model(model)
     regions = layout.empty_regions()
     views = layout.views(regions)
