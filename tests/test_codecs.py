@@ -401,3 +401,40 @@ def test_a_worker_without_the_servers_codec_is_told_at_join():
     with pytest.raises(RunFailed, match="zstd-magic"):
         info.update_codec()
     assert JoinInfo(**{**info.__dict__, "run": pb.RunSpec(topk_ratio=0.25)}).update_codec().spec == "topk:ratio=0.25"
+
+
+def test_topk2bit_refuses_malformed_varint_indices():
+    """The 2-bit format's own rules (common/codecs/topk2bit.py), each broken once; the valid chunk passes."""
+    from paramhub.common.codecs.topk2bit import _HEAD, encode_varints, pack_codes
+
+    codes = pack_codes(torch.tensor([0, 1, 2], dtype=torch.uint8))
+
+    def chunk(n, varints, tail=b"", lo=0.5, hi=1.0):
+        return wire.encode_chunk(WIDE, 0, _HEAD.pack(n, lo, hi) + varints + codes + tail)
+
+    def received(message):  # through the region's receiver alone: the rest of a push is not the point here
+        from paramhub.common.codecs.base import region_contexts
+
+        receiver = codecs.from_spec("topk2bit").receiver(region_contexts(LAYOUT, torch.float32, 4096)[WIDE], MAX_ABS)
+        receiver.add(wire.decode_push_message(message))
+        assert receiver.pairs == 3
+        return receiver.pieces[0]
+
+    import numpy as np
+    good = encode_varints(np.array([4, 1, 7]))
+    piece = received(chunk(3, good))
+    assert piece.indices.tolist() == [4, 5, 12] and piece.values.tolist() == [0.5, -0.5, 1.0]
+    for why, message in [
+        ("gap of 0", chunk(3, encode_varints(np.array([4, 0, 7])))),
+        ("beyond the region", chunk(3, encode_varints(np.array([LAYOUT.regions[WIDE].numel - 1, 1, 1])))),
+        ("beyond 32 bits", chunk(3, b"\xff\xff\xff\xff\x7f" + encode_varints(np.array([1, 1])))),
+        ("longer than 5 bytes", chunk(3, b"\x80\x80\x80\x80\x80\x00" + encode_varints(np.array([1, 1])))),
+        ("a byte after the codes", chunk(3, good, tail=b"\x00")),
+        ("more values declared than sent", chunk(40, good)),
+        ("no values", chunk(0, good)),
+        ("lo above hi", chunk(3, good, lo=2.0, hi=1.0)),
+        ("NaN level", chunk(3, good, hi=float("nan"))),
+    ]:
+        with pytest.raises(MalformedMessage):
+            received(message)
+            pytest.fail(why)
