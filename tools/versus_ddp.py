@@ -48,6 +48,8 @@ MODES = {
     "sync-grad-int8": (["--mode", "sync", "--update", "grad", "--codec", "int8"], lambda n, h: 1.0),
     "sync-grad-topk2bit": (["--mode", "sync", "--update", "grad", "--codec", "topk2bit:ratio=0.01"],
                            lambda n, h: 1.0),
+    "sync-grad-topk2bit5": (["--mode", "sync", "--update", "grad", "--codec", "topk2bit:ratio=0.05"],
+                            lambda n, h: 1.0),
     "diloco-topk2bit": (["--mode", "sync", "--update", "avg", "--outer-optimizer", "nesterov",
                          "--codec", "topk2bit:ratio=0.01"], lambda n, h: 1.0 / h),
     # no staleness bound: a fast worker never waits for a slow one (the straggler scenario)
