@@ -18,15 +18,15 @@ import functools
 import importlib.metadata
 import logging
 
-from paramhub.common.codecs.base import (CodecError, EncodedPush, PushEncoder, PushReceiver, RegionEncoding,
-                                         RegionReceiver, UpdateCodec)
+from paramhub.common.codecs.base import (CodecError, DenseReceiver, EncodedPush, ErrorFeedback, PushEncoder,
+                                         PushReceiver, RegionEncoding, RegionReceiver, UpdateCodec)
 from paramhub.common.codecs.dense import BFloat16, Float16, Float32
 from paramhub.common.codecs.int8 import Int8
 from paramhub.common.codecs.topk import TopK
 from paramhub.common.codecs.topk2bit import TopK2Bit
 
-__all__ = ["BUILTIN", "CodecError", "EncodedPush", "PushEncoder", "PushReceiver", "RegionEncoding",
-           "RegionReceiver", "UpdateCodec", "available", "from_spec", "legacy_spec", "parse_spec"]
+__all__ = ["BUILTIN", "CodecError", "DenseReceiver", "EncodedPush", "ErrorFeedback", "PushEncoder", "PushReceiver",
+           "RegionEncoding", "RegionReceiver", "UpdateCodec", "available", "from_spec", "legacy_spec", "parse_spec"]
 
 log = logging.getLogger("paramhub.codecs")
 ENTRY_POINT_GROUP = "paramhub.codecs"

@@ -205,6 +205,43 @@ class DenseCoverage:
                 f"stream ended with region {self.spec.name} at {self.filled} of {self.spec.numel} elements")
 
 
+class DenseReceiver(RegionReceiver):
+    """A region sent whole as raw ``dtype`` elements: a dense codec's PARAM region, or any BUFFER region."""
+
+    ordered = True
+
+    def __init__(self, ctx: RegionContext, max_abs: float, dtype: torch.dtype):
+        super().__init__(ctx, max_abs)
+        self.dtype = dtype
+        self.elem = dtype_size(dtype)
+        self.expected_bytes = ctx.spec.numel * self.elem
+        self.coverage = DenseCoverage(ctx.spec)
+
+    def add(self, chunk: Chunk) -> None:
+        n = len(chunk.data)
+        if n % self.elem:
+            raise MalformedMessage(f"region {self.spec.name}: chunk of {n} bytes is not a whole number of {self.dtype}")
+        offset = self.coverage.place(chunk, n // self.elem)
+        values = wire.view_values(chunk.data, self.dtype)
+        wire.check_values(values, self.max_abs)  # while the bytes are still in the cache
+        self.pieces.append(Piece(self.region, values, offset))
+
+    def finish(self) -> None:
+        self.coverage.finish()
+
+
+class ErrorFeedback(UpdateCodec):
+    """A lossy codec whose per-region state is an fp32 residual: what it has not sent yet, added to the next update."""
+
+    error_feedback = True
+
+    def new_state(self, ctx: RegionContext) -> torch.Tensor:
+        return torch.zeros(ctx.spec.numel, dtype=torch.float32)
+
+    def residual(self, state: torch.Tensor) -> torch.Tensor:
+        return state
+
+
 class SparseIndices:
     """Checks the uint32 indices of sparse chunks: strictly increasing across the push, inside the region."""
 
@@ -301,30 +338,6 @@ class PushEncoder:
                            sum(p.payload_bytes for p in parts) + other_bytes)
 
 
-class _DenseWireRegion(RegionReceiver):
-    """A BUFFER region (or a PARAM region of a push with no codec named): dense in the wire dtype."""
-
-    def __init__(self, region: int, spec: Region, wire_dtype: torch.dtype, max_abs: float):
-        super().__init__(RegionContext(region, spec, (), wire_dtype, 0), max_abs)
-        self.dtype = wire_dtype if spec.dtype.is_floating_point else spec.dtype
-        self.elem = dtype_size(self.dtype)
-        self.expected_bytes = spec.numel * self.elem
-        self.ordered = True
-        self.coverage = DenseCoverage(spec)
-
-    def add(self, chunk: Chunk) -> None:
-        n = len(chunk.data)
-        if n % self.elem:
-            raise MalformedMessage(f"region {self.spec.name}: chunk of {n} bytes is not a whole number of {self.dtype}")
-        offset = self.coverage.place(chunk, n // self.elem)
-        values = wire.view_values(chunk.data, self.dtype)
-        wire.check_values(values, self.max_abs)
-        self.pieces.append(Piece(self.region, values, offset))
-
-    def finish(self) -> None:
-        self.coverage.finish()
-
-
 class PushReceiver:
     """Receives one push: each chunk to its region's receiver, then checks the push is whole.
 
@@ -341,7 +354,9 @@ class PushReceiver:
         self.codec = codec
         contexts = region_contexts(layout, wire_dtype, chunk_bytes) if codec is not None else {}
         self._regions: list[RegionReceiver] = [
-            codec.receiver(contexts[r], max_abs) if r in contexts else _DenseWireRegion(r, spec, wire_dtype, max_abs)
+            codec.receiver(contexts[r], max_abs) if r in contexts
+            else DenseReceiver(RegionContext(r, spec, (), wire_dtype, chunk_bytes), max_abs,
+                               wire_dtype if spec.dtype.is_floating_point else spec.dtype)
             for r, spec in enumerate(layout.regions)]
         self.received_bytes = 0
         self._filling = -1  # the dense region being filled: dense regions come in ascending order

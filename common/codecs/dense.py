@@ -14,8 +14,7 @@ from typing import ClassVar
 import torch
 
 from paramhub.common import codec as wire
-from paramhub.common.codec import Chunk, MalformedMessage, Piece
-from paramhub.common.codecs.base import DenseCoverage, RegionContext, RegionEncoding, RegionReceiver, UpdateCodec
+from paramhub.common.codecs.base import DenseReceiver, RegionContext, RegionEncoding, RegionReceiver, UpdateCodec
 from paramhub.common.layout import dtype_size
 
 
@@ -43,29 +42,7 @@ class DenseCodec(UpdateCodec):
         return RegionEncoding(messages, payload_bytes=values.numel() * dtype_size(self.dtype))
 
     def receiver(self, ctx: RegionContext, max_abs: float) -> RegionReceiver:
-        return _DenseReceiver(ctx, max_abs, self.dtype)
-
-
-class _DenseReceiver(RegionReceiver):
-    def __init__(self, ctx: RegionContext, max_abs: float, dtype: torch.dtype):
-        super().__init__(ctx, max_abs)
-        self.dtype = dtype
-        self.elem = dtype_size(dtype)
-        self.expected_bytes = ctx.spec.numel * self.elem
-        self.ordered = True
-        self.coverage = DenseCoverage(ctx.spec)
-
-    def add(self, chunk: Chunk) -> None:
-        n = len(chunk.data)
-        if n % self.elem:
-            raise MalformedMessage(f"region {self.spec.name}: chunk of {n} bytes is not a whole number of {self.dtype}")
-        offset = self.coverage.place(chunk, n // self.elem)
-        values = wire.view_values(chunk.data, self.dtype)
-        wire.check_values(values, self.max_abs)  # while the bytes are still in the cache
-        self.pieces.append(Piece(self.region, values, offset))
-
-    def finish(self) -> None:
-        self.coverage.finish()
+        return DenseReceiver(ctx, max_abs, self.dtype)
 
 
 class Float32(DenseCodec):

@@ -19,24 +19,17 @@ import torch
 
 from paramhub.common import codec as wire
 from paramhub.common.codec import Chunk, MalformedMessage, Piece
-from paramhub.common.codecs.base import (DenseCoverage, RegionContext, RegionEncoding, RegionReceiver, UpdateCodec,
+from paramhub.common.codecs.base import (DenseCoverage, ErrorFeedback, RegionContext, RegionEncoding, RegionReceiver,
                                          check_scale)
 
 LEVELS = 127
 _SCALE = struct.Struct("<f")
 
 
-class Int8(UpdateCodec):
+class Int8(ErrorFeedback):
     """Dense int8 values, one float32 scale per chunk, error feedback."""
 
     name = "int8"
-    error_feedback = True
-
-    def new_state(self, ctx: RegionContext) -> torch.Tensor:
-        return torch.zeros(ctx.spec.numel, dtype=torch.float32)  # the residual
-
-    def residual(self, state: torch.Tensor) -> torch.Tensor:
-        return state
 
     def encode(self, ctx: RegionContext, update: torch.Tensor, state: torch.Tensor) -> RegionEncoding:
         acc = state.add_(update)

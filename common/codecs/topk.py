@@ -19,8 +19,8 @@ import torch
 
 from paramhub.common import codec as wire
 from paramhub.common.codec import Chunk, MalformedMessage, Piece
-from paramhub.common.codecs.base import (SPARSE_INDEX_BYTES, RegionContext, RegionEncoding, RegionReceiver,
-                                         SparseIndices, UpdateCodec)
+from paramhub.common.codecs.base import (SPARSE_INDEX_BYTES, ErrorFeedback, RegionContext, RegionEncoding, RegionReceiver,
+                                         SparseIndices)
 from paramhub.common.layout import dtype_size
 
 
@@ -43,19 +43,12 @@ def top_k(acc: torch.Tensor, tensors: tuple[tuple[int, int], ...], density: floa
     return torch.cat(picks) if picks else torch.empty(0, dtype=torch.int64)
 
 
-class TopK(UpdateCodec):
+class TopK(ErrorFeedback):
     """Top-k of (update + residual) per tensor, values in the wire dtype; the residual keeps the rest."""
 
     name = "topk"
     sparse = True
-    error_feedback = True
     PARAMS = {"ratio": (ratio, 0.01)}
-
-    def new_state(self, ctx: RegionContext) -> torch.Tensor:
-        return torch.zeros(ctx.spec.numel, dtype=torch.float32)  # the residual
-
-    def residual(self, state: torch.Tensor) -> torch.Tensor:
-        return state
 
     def encode(self, ctx: RegionContext, update: torch.Tensor, state: torch.Tensor) -> RegionEncoding:
         acc = state.add_(update)

@@ -28,7 +28,7 @@ import torch
 
 from paramhub.common import codec as wire
 from paramhub.common.codec import Chunk, MalformedMessage, Piece
-from paramhub.common.codecs.base import RegionContext, RegionEncoding, RegionReceiver, UpdateCodec, check_scale
+from paramhub.common.codecs.base import ErrorFeedback, RegionContext, RegionEncoding, RegionReceiver, check_scale
 from paramhub.common.codecs.topk import ratio, top_k
 
 _HEAD = struct.Struct("<Iff")  # n, lo, hi
@@ -95,19 +95,12 @@ def quantise(values: torch.Tensor) -> tuple[float, float, torch.Tensor, torch.Te
     return lo, hi, codes, dequantised
 
 
-class TopK2Bit(UpdateCodec):
+class TopK2Bit(ErrorFeedback):
     """Top-k per tensor with 2-bit values (sign, one of two magnitudes per chunk), error feedback."""
 
     name = "topk2bit"
     sparse = True
-    error_feedback = True
     PARAMS = {"ratio": (ratio, 0.01)}
-
-    def new_state(self, ctx: RegionContext) -> torch.Tensor:
-        return torch.zeros(ctx.spec.numel, dtype=torch.float32)  # the residual
-
-    def residual(self, state: torch.Tensor) -> torch.Tensor:
-        return state
 
     def encode(self, ctx: RegionContext, update: torch.Tensor, state: torch.Tensor) -> RegionEncoding:
         acc = state.add_(update)
