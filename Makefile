@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 # pyproject admits any torch 2.11-2.14 with its matching torchvision.
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install proto test test-fast demo bench lint cluster-up cluster-down
+.PHONY: install proto test test-fast demo bench lint cluster-up cluster-down cluster-test image
 
 install:
 	$(PIP) install $(TORCH_PAIR)
@@ -33,7 +33,7 @@ lint:
 
 # A local cluster in Docker (deploy/docker-compose.yml): one server, two workers, one evaluator.
 # Settings in deploy/.env (see deploy/.env.example); GPUs: add -f deploy/docker-compose.gpu.yml.
-COMPOSE ?= docker compose -f deploy/docker-compose.yml
+COMPOSE ?= docker compose -f deploy/docker-compose.yml -f deploy/docker-compose.ports.yml
 
 cluster-up:
 	$(COMPOSE) up --build
@@ -41,3 +41,12 @@ cluster-up:
 # Keeps the checkpoints volume; `$(COMPOSE) down -v` deletes it too.
 cluster-down:
 	$(COMPOSE) down
+
+# The CPU image (offline when no registry answers: deploy/build-image.sh).
+image:
+	deploy/build-image.sh
+
+# Builds the image and runs the compose cluster for real (tests/cluster): training, kills, the
+# ledger, the exported model. Starts dockerd when none runs (as root) and stops what it started.
+cluster-test:
+	PARAMHUB_CLUSTER_TEST=1 $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/cluster
