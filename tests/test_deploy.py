@@ -206,11 +206,15 @@ def compose_env(service: dict) -> dict:
     return {name: "" if value is None else str(value) for name, value in env.items()}
 
 
-def k8s_documents() -> list[dict]:
-    """Every manifest that kustomization.yaml lists, in order."""
+def k8s_documents(root: pathlib.Path = K8S) -> list[dict]:
+    """Every manifest that root's kustomization.yaml lists, in order; a listed directory is a kustomization too."""
     docs = []
-    for resource in load_yaml(K8S / "kustomization.yaml")["resources"]:
-        docs += [doc for doc in yaml.safe_load_all((K8S / resource).read_text()) if doc]
+    for resource in load_yaml(root / "kustomization.yaml")["resources"]:
+        path = root / resource
+        if path.is_dir():
+            docs += k8s_documents(path)
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
 
 
@@ -458,9 +462,12 @@ def k8s_mounts(container: dict) -> dict:
 
 
 def test_kustomization_lists_every_manifest():
+    """Every manifest and every part of its own (secret/) is listed; jobset/ is the alternative, never a part."""
     listed = set(load_yaml(K8S / "kustomization.yaml")["resources"])
     present = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    present |= {path.parent.name for path in K8S.glob("*/kustomization.yaml")} - {"jobset"}
     assert listed == present, f"not listed: {present - listed}; missing: {listed - present}"
+    assert "jobset" not in listed, "the JobSet runs the same workloads: apply one or the other"
 
 
 def test_k8s_workers_are_an_indexed_job_over_the_shards(monkeypatch):
