@@ -18,12 +18,11 @@ import re
 import shutil
 import subprocess
 
+import jsonschema
 import pytest
 import yaml
 
 from test_deploy import CommandLine, check_paths, k8s_fill, k8s_mounts, parse_command_line
-
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the JobSet against its CRD (dev extra)")
 
 pytestmark = pytest.mark.timeout(60)
 
