@@ -7,6 +7,11 @@
 
 Each subcommand is a thin click wrapper around a plain function that does the work,
 so the same steps can be called from Python and tested without a CLI.
+
+``ps-ctl health`` is a container's health probe, run every few seconds on a node that may be
+busy: importing this module must stay cheap (grpc, click, protobuf; never torch, numpy or
+safetensors, which made the probe take seconds). The checkpoint code is imported inside the
+export functions that need it; ``tests/test_health_probe.py`` checks the probe's imports.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from paramhub.common.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, save_state_file,
-                                        write_atomically)
 from paramhub.common.cliutil import config_file_option, pop_security, security_options
 from paramhub.common.config import PRECISE_BN_BATCHES
 from paramhub.common.pb import paramhub_pb2 as pb
@@ -49,6 +52,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     Raises:
         CheckpointError: a directory without checkpoints.
     """
+    from paramhub.common.checkpoint import CheckpointError, list_checkpoints
+
     path = pathlib.Path(path)
     if path.is_dir():
         found = list_checkpoints(path)
@@ -92,6 +97,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, preci
         CheckpointError: the checkpoint is missing, unreadable, corrupt, or does not fit its model.
         DataError: the precise-BN data cannot be used (missing, empty, another class count).
     """
+    from paramhub.common.checkpoint import CheckpointError, load_checkpoint, save_state_file, write_atomically
+
     out = pathlib.Path(out)
     if out.suffix not in EXPORT_SUFFIXES:
         raise ValueError(f"cannot export to {out.name!r}: the name must end in {' or '.join(EXPORT_SUFFIXES)}")
@@ -145,6 +152,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, preci
               help="--precise-bn-data images: resize + center crop to this size (as ps-eval --image-size).")
 def export(checkpoint, out, precise_bn_data, precise_bn_batches, batch_size, image_size):
     """Write a checkpoint's model as a plain state_dict for torchvision (strict=True)."""
+    from paramhub.common.checkpoint import CheckpointError
     from paramhub.common.shards import DataError
 
     try:
@@ -177,11 +185,17 @@ def export(checkpoint, out, precise_bn_data, precise_bn_batches, batch_size, ima
 # -- health and status ------------------------------------------------------------------
 
 
-def health_status(address: str, service: str = "", timeout: float = 5.0, security=None) -> str:
+# The health RPC's deadline. A live server answers in milliseconds (it keeps handler threads for
+# health: common.config.RESERVED_THREADS); 2 s leaves a probe with a 5 s budget room for start-up.
+HEALTH_TIMEOUT_S = 2.0
+
+
+def health_status(address: str, service: str = "", timeout: float = HEALTH_TIMEOUT_S, security=None) -> str:
     """The grpc.health.v1 status of ``service`` at ``address`` (``SERVING``, ``NOT_SERVING``, ...).
 
     Raises:
-        grpc.RpcError: the server could not be reached or does not know the service.
+        grpc.RpcError: the server could not be reached within ``timeout`` seconds (``UNAVAILABLE``,
+            ``DEADLINE_EXCEEDED``) or does not know the service (``NOT_FOUND``).
     """
     from paramhub.common.security import Security
 
@@ -195,13 +209,20 @@ def health_status(address: str, service: str = "", timeout: float = 5.0, securit
 @config_file_option("ctl")
 @click.argument("address")
 @click.option("--service", default="", help="The service to ask about ('' is the whole server).")
-@click.option("--timeout", default=5.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@click.option("--timeout", default=HEALTH_TIMEOUT_S, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the answer; keep it below the probe's own timeout.")
 @security_options
 def health(address, service, timeout, **security):
-    """Exit 0 if the server at ADDRESS (host:port) is SERVING, 1 if not, 2 if unreachable."""
+    """Exit 0 if the server at ADDRESS (host:port) is SERVING, 1 if not, 2 if unreachable.
+
+    1 also when the server does not know --service. Needs no token.
+    """
     try:
         status = health_status(address, service, timeout, pop_security(security))
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            click.echo(f"{address}: the server does not know the service {service!r} (NOT_FOUND)", err=True)
+            raise SystemExit(1) from None
         click.echo(f"{address}: unreachable ({exc.code().name}: {exc.details()})", err=True)
         raise SystemExit(2) from None
     click.echo(f"{address}: {status}")
