@@ -365,8 +365,10 @@ def test_compose_clients_wait_for_a_healthy_server():
     compose = load_yaml(COMPOSE)
     (server_name, server), = compose_services_running(compose, "ps-server").items()
     test = server["healthcheck"]["test"]
-    port = next(compose_fill(arg, server_name).split("=", 1)[1] for arg in server["command"] if arg.startswith("--port="))
-    assert test[:3] == ["CMD", "ps-ctl", "health"] and compose_fill(test[3], server_name) == f"127.0.0.1:{port}", test
+    (port,) = [compose_fill(arg, server_name).split("=", 1)[1] for arg in server["command"]
+               if arg.startswith("--port=")]
+    probed = compose_fill(test[3], server_name)
+    assert test[:3] == ["CMD", "ps-ctl", "health"] and probed == f"127.0.0.1:{port}", test
     for name, service in compose["services"].items():
         if name != server_name:
             assert service["depends_on"][server_name]["condition"] == "service_healthy", name

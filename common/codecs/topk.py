@@ -19,8 +19,8 @@ import torch
 
 from paramhub.common import codec as wire
 from paramhub.common.codec import Chunk, MalformedMessage, Piece
-from paramhub.common.codecs.base import (SPARSE_INDEX_BYTES, ErrorFeedback, RegionContext, RegionEncoding, RegionReceiver,
-                                         SparseIndices)
+from paramhub.common.codecs.base import (SPARSE_INDEX_BYTES, ErrorFeedback, RegionContext, RegionEncoding,
+                                         RegionReceiver, SparseIndices)
 from paramhub.common.layout import dtype_size
 
 
