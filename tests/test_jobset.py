@@ -362,7 +362,7 @@ def partitions(jobset: dict) -> int:
 
 
 def with_partitions(jobset: dict, m: int) -> dict:
-    """The JobSet changed for M server partitions as deploy/k8s/jobset/README.md says: the servers'
+    """The JobSet changed for M server partitions as deploy/README.md says: the servers'
     replicas, the /M of PARAMHUB_PARTITION, every partition in the workers' --server; no evaluator."""
     changed = copy.deepcopy(jobset)
     replicated(changed, "server")["replicas"] = m

@@ -10,8 +10,8 @@ from outside the containers:
 - the processes run as uid 10001, and /data is read-only;
 - the server SIGKILLed mid-run: compose restarts it, it resumes from its checkpoint volume, and
   the workers join again; a worker SIGKILLed: it restarts and joins again;
-- every container ends with exit 0; the server's ledger holds every version exactly once, each
-  from a push applied once (nothing lost, nothing doubled), from both shards;
+- every container ends with exit 0; the server's ledger holds every version exactly once, from
+  pushes each applied once (nothing lost, nothing doubled), from both shards;
 - ps-eval wrote its metrics and its best model; the final checkpoint exports to a state_dict that
   torchvision's resnet18 loads strictly.
 
@@ -199,20 +199,29 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
     assert meta["version"] == MAX_STEPS
     entries = Ledger.from_tensors(server_state).entries
     assert sorted({e.version for e in entries}) == list(range(1, MAX_STEPS + 1))  # nothing lost
-    pushes = collections.Counter((e.worker_id, e.sequence) for e in entries)
-    assert max(pushes.values()) == 1  # nothing doubled
+    # Nothing doubled. A push is (worker id, incarnation, sequence) and the ledger keeps id and
+    # sequence: a worker's sequences rise within one incarnation, and only a new incarnation (one
+    # Join each, counted in the server's log) starts again, at 1. A push applied twice breaks that.
+    joins = collections.Counter(int(i) for i in re.findall(r"worker shard-\d joined \(id (\d+)", logs["ps-server"]))
+    sequences = collections.defaultdict(list)
+    for entry in sorted(entries, key=lambda e: e.version):
+        sequences[entry.worker_id].append(entry.sequence)
+    for worker, seqs in sequences.items():
+        restarts = [now for before, now in zip(seqs, seqs[1:]) if now <= before]
+        assert all(now == 1 for now in restarts), (worker, seqs)
+        assert 1 + len(restarts) <= joins[worker], (worker, seqs, joins)
     ids = {int(shard): {int(i) for i in re.findall(rf"worker shard-{shard} joined \(id (\d+)", logs["ps-server"])}
            for shard in "01"}
-    assert all({e.worker_id for e in entries} & ids[shard] for shard in (0, 1)), ids
+    assert all(set(sequences) & ids[shard] for shard in (0, 1)), ids  # both shards trained
 
     # ps-eval's metrics and best model; the final model loads into torchvision
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["version"] == MAX_STEPS and all(0 <= m["top1"] <= 1 for m in metrics)
     assert (out / "best" / "best.safetensors").is_file()
     for source in (out / "server", out / "best" / "best.safetensors"):
-        exported, _ = export_model(source, tmp_path / "model.pt")
+        export_model(source, tmp_path / "model.pt")
         model = torchvision.models.resnet18(num_classes=10)
-        model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+        model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
     figures["evaluations"] = len(metrics)
     figures["final top1"] = metrics[-1]["top1"]
     print("\ncluster test figures:", json.dumps(figures, indent=1))
