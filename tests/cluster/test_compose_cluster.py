@@ -186,6 +186,10 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
         assert codes == dict.fromkeys(SERVICES, 0), {s: logs[s][-3000:] for s in SERVICES}
         out = tmp_path / "out"
         docker("cp", f"{server}:/checkpoints", str(out))
+    except BaseException:
+        for service in SERVICES:  # what each container said, for whoever reads the failure
+            print(f"\n--- {service} (last 3000 characters) ---\n{cluster.logs(service)[-3000:]}")
+        raise
     finally:
         client.close()
         cluster.down()
