@@ -188,7 +188,10 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
         docker("cp", f"{server}:/checkpoints", str(out))
     except BaseException:
         for service in SERVICES:  # what each container said, for whoever reads the failure
-            print(f"\n--- {service} (last 3000 characters) ---\n{cluster.logs(service)[-3000:]}")
+            try:
+                print(f"\n--- {service} (last 3000 characters) ---\n{cluster.logs(service)[-3000:]}")
+            except Exception as exc:  # noqa: BLE001 - a container that never started: say so, keep the failure
+                print(f"\n--- {service}: no logs ({exc}) ---")
         raise
     finally:
         client.close()
