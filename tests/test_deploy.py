@@ -33,6 +33,8 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_HOSTNET = DEPLOY / "docker-compose.hostnet.yml"
+COMPOSE_PORTS = DEPLOY / "docker-compose.ports.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 K8S = DEPLOY / "k8s"
 
@@ -414,7 +416,7 @@ def test_compose_gpu_override_gives_each_worker_its_own_gpu():
 def test_env_example_lists_the_compose_variables():
     """deploy/.env.example documents exactly the variables the compose files use."""
     used = set()
-    for path in (COMPOSE, COMPOSE_GPU):
+    for path in (COMPOSE, COMPOSE_GPU, COMPOSE_HOSTNET, COMPOSE_PORTS):
         # In the parsed file, so that the comments' ${VAR:-default} do not count.
         used |= {match.group(1) for match in COMPOSE_VARIABLE.finditer(json.dumps(load_yaml(path)))}
     lines = [line for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")]
@@ -433,7 +435,21 @@ def compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["base", "with-gpu-override"])
+def test_compose_host_network_override_covers_every_service_and_publishes_nothing(monkeypatch):
+    """On the host network every service must be there (no bridge to fall back to), and no port published."""
+    compose, hostnet = load_yaml(COMPOSE), load_yaml(COMPOSE_HOSTNET)
+    assert set(hostnet["services"]) == set(compose["services"])
+    for name, service in hostnet["services"].items():
+        assert service["network_mode"] == "host" and "ports" not in service, name
+    assert all("ports" not in service for service in compose["services"].values()), \
+        "a port in the base file cannot be taken away by the host-network override: publish it in ports.yml"
+    (published,) = load_yaml(COMPOSE_PORTS)["services"]["ps-server"]["ports"]
+    assert compose_fill(published, "ports.yml").startswith("127.0.0.1:"), "published on loopback only"
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU], [COMPOSE, COMPOSE_PORTS],
+                                   [COMPOSE, COMPOSE_HOSTNET]],
+                         ids=["base", "with-gpu-override", "with-ports", "on-the-host-network"])
 def test_compose_config_validates(files):
     """The compose CLI validates and merges the files without a Docker engine."""
     cli = compose_cli()
