@@ -11,13 +11,14 @@ import pytest
 from paramhub.common.config import ServerConfig, Timeouts
 
 
-def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    """Polls ``condition`` until it returns something truthy (and returns that); TimeoutError after ``timeout`` s."""
+def wait_for(condition, timeout: float = 30.0, what: str = "condition", poll: float = 0.02):
+    """Polls ``condition`` every ``poll`` s until it returns something truthy (and returns that); TimeoutError after
+    ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
+        time.sleep(poll)
     return value
 
 

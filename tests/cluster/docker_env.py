@@ -14,8 +14,10 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import time
-from typing import Callable, Iterator
+from typing import Iterator
+
+from conftest import wait_for
+from test_deploy import compose_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -61,8 +63,7 @@ def docker_daemon(log_dir: pathlib.Path, timeout: float = 60) -> Iterator[None]:
         daemon = subprocess.Popen(["dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false"],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until(daemon_answers, timeout, "dockerd to answer", poll=0.5,
-                   alive=lambda: daemon.poll() is None)
+        wait_for(daemon_answers, timeout, "dockerd to answer (its log: dockerd.log)", poll=0.5)
         yield
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -71,30 +72,6 @@ def docker_daemon(log_dir: pathlib.Path, timeout: float = 60) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait(timeout=10)
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, poll: float = 1.0,
-               alive: Callable[[], bool] = lambda: True):
-    """Polls ``condition`` until it returns something true (returned) or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if not alive():
-            raise RuntimeError(f"gave up waiting for {what}: the process it depends on ended")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
-        time.sleep(poll)
-
-
-def compose_command() -> list[str]:
-    """``docker compose`` (v2 plugin) where it exists, else ``docker-compose`` (1.29)."""
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    raise DockerUnavailable("neither `docker compose` nor `docker-compose` is installed")
 
 
 class Compose:
@@ -110,7 +87,10 @@ class Compose:
     def __init__(self, project: str, env: dict[str, str]):
         self.project = project
         self.env = {**os.environ, **env, "COMPOSE_PROJECT_NAME": project}
-        self.base = compose_command()
+        cli = compose_cli()
+        if cli is None:
+            raise DockerUnavailable("neither `docker compose` nor `docker-compose` is installed")
+        self.base = cli
         for name in self.FILES:
             self.base += ["-f", str(DEPLOY / name)]
 

@@ -35,12 +35,14 @@ import pytest
 import torch
 import torchvision
 
-from docker_env import DEPLOY, REPO, Compose, DockerUnavailable, docker, docker_daemon, wait_until
+from conftest import wait_for
+from docker_env import DEPLOY, REPO, Compose, DockerUnavailable, docker, docker_daemon
 from paramhub.common.checkpoint import list_checkpoints, load_checkpoint
 from paramhub.common.config import Timeouts
 from paramhub.common.security import Security
 from paramhub.ps.ledger import Ledger
 from paramhub.tools.ctl import export_model
+from paramhub.tools.versus_ddp import cpu_model
 from paramhub.worker.client import PSClient
 
 pytestmark = [
@@ -152,7 +154,7 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
     started = time.monotonic()
     try:
         cluster.run("up", "-d", "--no-build", timeout=600)  # returns once the server is healthy
-        wait_until(lambda: healthy(cluster), 300, "the server's healthcheck")
+        wait_for(lambda: healthy(cluster), 300, "the server's healthcheck", poll=1)
         figures["up to healthy (s)"] = round(time.monotonic() - started, 1)
 
         server = cluster.container("ps-server")
@@ -161,25 +163,25 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied
 
         # the server, SIGKILLed mid-run: no final checkpoint; compose restarts it, it resumes
-        wait_until(lambda: server_version(client) >= 15, 600, "version 15")
+        wait_for(lambda: server_version(client) >= 15, 600, "version 15", poll=1)
         figures["server RSS before the kill, resnet18 (MB)"] = peak_rss_mb(cluster, "ps-server", "ps-server")
         killed_at = server_version(client)
         crash(cluster, "ps-server", "ps-server")
         killed = time.monotonic()
-        wait_until(lambda: cluster.state("ps-server")["RestartCount"] >= 1, 120, "compose to restart the server")
-        wait_until(lambda: server_version(client) > killed_at, 300, "the resumed server to apply an update")
+        wait_for(lambda: cluster.state("ps-server")["RestartCount"] >= 1, 120, "compose to restart the server", poll=1)
+        wait_for(lambda: server_version(client) > killed_at, 300, "the resumed server to apply an update", poll=1)
         figures["server kill to next update (s)"] = round(time.monotonic() - killed, 1)
 
         # a worker, SIGKILLed: compose restarts it and it joins again
-        wait_until(lambda: server_version(client) >= 35, 600, "version 35")
+        wait_for(lambda: server_version(client) >= 35, 600, "version 35", poll=1)
         crash(cluster, "worker-1", "ps-worker")
-        wait_until(lambda: cluster.state("worker-1")["RestartCount"] >= 1, 120, "compose to restart worker-1")
+        wait_for(lambda: cluster.state("worker-1")["RestartCount"] >= 1, 120, "compose to restart worker-1", poll=1)
 
         probes = probe_durations(cluster)
         figures["health probes (s), the last five"] = [round(d, 2) for d in probes]
         assert probes and max(probes) < HEALTH_TIMEOUT_S, probes
-        wait_until(lambda: all(cluster.state(s)["Status"] == "exited" for s in SERVICES), 900,
-                   "every container to finish")
+        wait_for(lambda: all(cluster.state(s)["Status"] == "exited" for s in SERVICES), 900,
+                 "every container to finish", poll=1)
         figures["run wall time (s)"] = round(time.monotonic() - started, 1)
         logs = {s: cluster.logs(s) for s in SERVICES}
         codes = {s: cluster.state(s)["ExitCode"] for s in SERVICES}
@@ -233,9 +235,3 @@ def test_compose_cluster_trains_survives_kills_and_keeps_its_model(docker_ready,
     figures["final top1"] = metrics[-1]["top1"]
     print("\ncluster test figures:", json.dumps(figures, indent=1))
 
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
