@@ -139,6 +139,13 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED), and departed records remembered (older departures are only counted)
     max_live_workers: int = 1024
     keep_departed: int = 128
+    # elastic membership: ``workers`` is the minimum the run starts with; at most this many trainers at once
+    max_workers: int | None = None
+    # data leases (ps/leases.py): the server hands out each epoch's samples in leases of lease_size positions
+    # and counts each one trained exactly once; the run ends after ``epochs`` epochs (None: --max-steps decides)
+    data_leases: bool = False
+    lease_size: int = 256
+    epochs: int | None = None
 
     @property
     def stream_limit(self) -> int:
@@ -219,6 +226,16 @@ class ServerConfig:
             raise ValueError(f"max_update_abs must be a finite number > 0, got {self.max_update_abs}")
         if self.clip_factor is not None and not (self.clip_factor > 0 and math.isfinite(self.clip_factor)):
             raise ValueError(f"clip_factor must be a finite number > 0, got {self.clip_factor}")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ValueError(f"--max-workers ({self.max_workers}) must be at least --workers ({self.workers}), "
+                             "the minimum the run starts with")
+        if self.data_leases and self.partition[1] > 1:
+            raise ValueError("--data-leases with --partition: every partition would count the samples on its own; "
+                             "lease data from an unpartitioned server")
+        if self.epochs is not None and not self.data_leases:
+            raise ValueError("--epochs counts epochs of leased data: it needs --data-leases (else use --max-steps)")
+        if self.lease_size < 1:
+            raise ValueError(f"--lease-size must be at least 1, got {self.lease_size}")
         if self.batch_share and self.mode != "async":
             raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
         check_listen_address(self.host, self.security, self.insecure)

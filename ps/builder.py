@@ -27,6 +27,7 @@ from paramhub.common.runtime import release_free_memory
 from paramhub.ps.consistency import AsyncEngine, ConsistencyEngine, SyncRounds, Ticker
 from paramhub.ps.grace import GraceWindow
 from paramhub.ps.identity import printable
+from paramhub.ps.leases import LeaseTable
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.limits import StreamLimits
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
@@ -111,7 +112,7 @@ def _sync_engine(config: ServerConfig, store, rule, registry, **parts) -> Consis
 
 
 def _async_engine(config: ServerConfig, store, rule, registry, **parts) -> ConsistencyEngine:
-    return AsyncEngine(store, rule, registry, **parts, staleness_bound=config.staleness,
+    return AsyncEngine(store, rule, registry, **parts, min_workers=config.workers, staleness_bound=config.staleness,
                        wait_timeout=config.timeouts.round or 300.0, max_versions=config.max_steps,
                        damping=_damping(config), batch_share=_batch_share(config))
 
@@ -122,10 +123,16 @@ PUSH_KINDS = {"grad": pb.PUSH_KIND_GRADIENT, "avg": pb.PUSH_KIND_DELTA}
 
 
 def build_engine(config: ServerConfig, store: ParameterStore, registry: WorkerRegistry, *,
-                 ledger: Ledger | None = None, metrics: MetricsHook | None = None) -> ConsistencyEngine:
-    """The consistency engine of ``--mode`` with the update rule of ``--update``, as ps-server runs them."""
-    return ENGINES[config.mode](config, store, RULES[config.update](config), registry, ledger=ledger, metrics=metrics,
-                                concurrent_pushes=config.concurrent_pushes)
+                 ledger: Ledger | None = None, metrics: MetricsHook | None = None,
+                 leases: LeaseTable | None = None) -> ConsistencyEngine:
+    """The consistency engine of ``--mode`` with the update rule of ``--update``, as ps-server runs them.
+
+    The registry tells it of every departure (its data leases go back to the pool).
+    """
+    engine = ENGINES[config.mode](config, store, RULES[config.update](config), registry, ledger=ledger,
+                                  metrics=metrics, concurrent_pushes=config.concurrent_pushes, leases=leases)
+    registry.on_departure = engine.on_departure
+    return engine
 
 
 # -- the weights: initial or resumed ----------------------------------------------------
@@ -149,6 +156,7 @@ class Resumed:
     rule_state: dict
     server_state: dict
     workers: list[dict]
+    leases: dict | None  # the lease table's export (None: the run had no data leases)
 
 
 def _layouts(config: ServerConfig, initial: InitialState) -> Layouts:
@@ -189,7 +197,7 @@ def _resume(config: ServerConfig, layouts: Layouts) -> Resumed | None:
         log.info("resuming from %s at version %d", path, meta["version"])
         return Resumed(regions, frozen_regions, meta["version"],
                        rule_state=checkpoint.rule_state_of([region.name for region in layout.regions], server_state),
-                       server_state=server_state, workers=meta.get("workers", []))
+                       server_state=server_state, workers=meta.get("workers", []), leases=meta.get("leases"))
     log.warning("no usable checkpoint in %s: starting from scratch", config.checkpoint_dir)
     return None
 
@@ -202,6 +210,7 @@ class Weights:
     frozen_regions: list[torch.Tensor]
     ledger: Ledger
     workers: list[dict]  # a resumed run's exported worker records
+    leases: dict | None = None  # a resumed run's lease table
 
 
 def _weights(config: ServerConfig, layouts: Layouts, initial: InitialState) -> Weights:
@@ -212,11 +221,15 @@ def _weights(config: ServerConfig, layouts: Layouts, initial: InitialState) -> W
             raise RuntimeError("the initial weights hold NaN or infinite values (--init-from?): nothing to train")
         frozen_regions = layouts.frozen.flatten(initial.state) if layouts.frozen is not None else []
         return Weights(ParameterStore(layouts.layout, regions), frozen_regions, Ledger(), [])
+    if config.data_leases and resumed.leases is None and resumed.version:
+        raise RuntimeError(f"the checkpoint at version {resumed.version} is of a run without data leases: its samples "
+                           "were trained on by shard, not counted; resume it without --data-leases")
     # a finished run stays finished: no worker will push again
     done = config.max_steps is not None and resumed.version >= config.max_steps
     store = ParameterStore(layouts.layout, resumed.regions, version=resumed.version, rule_state=resumed.rule_state,
                            done=done)
-    return Weights(store, resumed.frozen_regions, Ledger.from_tensors(resumed.server_state), resumed.workers)
+    return Weights(store, resumed.frozen_regions, Ledger.from_tensors(resumed.server_state), resumed.workers,
+                   resumed.leases)
 
 
 # -- the parts around the engine --------------------------------------------------------
@@ -232,8 +245,15 @@ def _registry(config: ServerConfig, weights: Weights) -> WorkerRegistry:
 
     # ids of workers the old process forgot still hold ledger entries: never hand them out again
     return WorkerRegistry(lease, on_lost=lost, max_live=config.max_live_workers, keep_departed=config.keep_departed,
-                          restored=weights.workers,
+                          restored=weights.workers, max_trainers=config.max_workers,
                           first_free_id=max(weights.ledger.applied_per_worker, default=0) + 1)
+
+
+def _leases(config: ServerConfig, weights: Weights) -> LeaseTable | None:
+    """The data lease table (``--data-leases``), a resumed run's where it had one; None without leases."""
+    if not config.data_leases:
+        return None
+    return LeaseTable(config.lease_size, seed=config.seed, epochs=config.epochs, state=weights.leases)
 
 
 def _metrics(config: ServerConfig, registry: WorkerRegistry, store: ParameterStore) -> MetricsHook:
@@ -255,7 +275,8 @@ def _run_spec(config: ServerConfig) -> pb.RunSpec:
         max_push_wait_s=config.timeouts.round or 300.0,
         wire_dtype=DTYPE_TO_WIRE[codec.WIRE_DTYPES[config.wire_dtype]],
         partition=config.partition[0], num_partitions=config.partition[1], codec=codec_spec.spec,
-        topk_ratio=codec_spec.params["ratio"] if codec_spec.name == "topk" else 0.0)
+        topk_ratio=codec_spec.params["ratio"] if codec_spec.name == "topk" else 0.0,
+        data_leases=config.data_leases, lease_seed=config.seed, max_workers=config.max_workers or 0)
 
 
 def _servicer(config: ServerConfig, engine: ConsistencyEngine, layouts: Layouts, frozen_regions: list,
@@ -349,7 +370,12 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
     store = weights.store
     registry = _registry(config, weights)
     metrics = _metrics(config, registry, store)
-    engine = build_engine(config, store, registry, ledger=weights.ledger, metrics=metrics)
+    engine = build_engine(config, store, registry, ledger=weights.ledger, metrics=metrics,
+                          leases=_leases(config, weights))
+    if isinstance(metrics, ServerMetrics) and engine.leases is not None:
+        metrics.leases = engine.lease_summary
+    if engine.leases is not None and engine.leases.finished and not store.done:
+        store.finish()  # resumed after its last epoch: nothing is left to train
     limits = StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer)
     servicer = _servicer(config, engine, layouts, weights.frozen_regions, limits, metrics)
     # calls waiting for their request take the threads streams leave; one host at most half of them

@@ -31,11 +31,13 @@ from typing import Callable
 
 
 from paramhub.common.codec import Piece
+from paramhub.common.leases import Span
 from paramhub.common.layout import BUFFER, PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
-from paramhub.ps.errors import FailedPrecondition
+from paramhub.ps.errors import FailedPrecondition, InvalidArgument
 from paramhub.ps.grace import GraceWindow
 from paramhub.ps.intake import PushIntake, Ticket
+from paramhub.ps.leases import LeaseTable, NotLeased
 from paramhub.ps.ledger import Ledger, LedgerEntry
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
@@ -59,6 +61,12 @@ class StagedPush:
     pieces: list[Piece]  # the update's values, as received (codec.whole_regions for full tensors)
     keeps_base: bool = False  # the worker goes on computing from base_version (it overlaps transfers)
     clip: float = 1.0  # robust clipping's factor for the PARAM update (screen.NormClip; 1.0 when off)
+    trained: tuple[Span, ...] = ()  # data leases: the positions the push trained on
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Who sent it and which of their pushes it is: (worker id, incarnation, sequence)."""
+        return self.worker_id, self.incarnation, self.sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +77,7 @@ class PushResult:
     version: int
     next_version: int
     done: bool
-    reason: str = ""  # why a push was dropped: closed_round, too_stale or run_done
+    reason: str = ""  # why a push was dropped: closed_round, too_stale, run_done or not_leased
     base_kept: bool = False  # a keeps_base push whose base still counts as pending (SSP)
 
 
@@ -110,15 +118,21 @@ class ConsistencyEngine:
         metrics: where events go (the server's ServerMetrics); default nowhere.
         concurrent_pushes: pushes received at once (each holds up to the model's wire size).
         clock: injectable monotonic clock.
+        leases: the data lease table (``--data-leases``); None: workers train on their own shards.
+        min_workers: N, the trainers the run starts with (``--workers``): until N have pulled, those
+            that joined and those still to come are waited for; after that the live ones (``members``).
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
                  max_versions: int | None = None, damping: bool = False, ledger: Ledger | None = None,
                  metrics: MetricsHook | None = None, concurrent_pushes: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, leases: LeaseTable | None = None,
+                 min_workers: int = 1):
         self.store = store
         self.rule = rule
         self.registry = registry
+        self.leases = leases
+        self.min_workers = min_workers
         self.max_versions = max_versions
         self.damping = damping
         self._clock = clock
@@ -161,11 +175,12 @@ class ConsistencyEngine:
         with self.store.lock:
             try:
                 record = self.registry.get(push.worker_id, push.incarnation)
+                self.registry.activate(push.worker_id)  # pushing from Join's version counts like a pull
                 original = self.intake.take(ticket)  # from here on it holds no place, waiting or not
                 if original is not None:
                     return original  # a duplicate: the reply of the push it repeats
                 result = (self._result(pb.PUSH_OUTCOME_DROPPED, reason="run_done") if self.store.done
-                          else self._admit(push, record))
+                          else self._admit_trained(push, record))
             except BaseException:
                 self.intake.release(ticket)  # nothing was applied
                 raise
@@ -179,6 +194,25 @@ class ConsistencyEngine:
                 self.metrics.push_dropped(push.worker_id, result.reason)
             return result
 
+    def _admit_trained(self, push: StagedPush, record: WorkerRecord) -> PushResult:
+        """``_admit``, with the push's data leases claimed first and given back unless it was taken."""
+        if self.leases is None:
+            return self._admit(push, record)
+        try:
+            self.leases.claim(push.worker_id, push.key, push.trained, push.num_samples)
+        except NotLeased as exc:
+            log.info("dropped push of %s: %s", record.name, exc,
+                     extra={"event": "push_dropped", "reason": "not_leased", "worker": record.name})
+            return self._result(pb.PUSH_OUTCOME_DROPPED, reason="not_leased")
+        try:
+            result = self._admit(push, record)
+        except BaseException:
+            self.leases.unclaim(push.key)
+            raise
+        if result.outcome != pb.PUSH_OUTCOME_ACCEPTED:
+            self.leases.unclaim(push.key)  # a no-op for a push already applied (committed)
+        return result
+
     def release(self, ticket: Ticket) -> None:
         """Ends a ticket however its push ended (a dry run, a stream cut short, an error); idempotent."""
         self.intake.release(ticket)
@@ -191,11 +225,58 @@ class ConsistencyEngine:
                             dict(self.ledger.applied_per_worker), self.pushes_dropped, self.last_loss)
 
     def on_pull(self, worker_id: int, version: int) -> None:
-        """A worker is about to receive ``version`` (its next push will be based on it)."""
+        """A worker is about to receive ``version`` (its next push will be based on it): it is a member now."""
+        self.registry.activate(worker_id)
+
+    def grant_leases(self, worker_id: int, num_samples: int, fingerprint: str, wanted: int) -> list[Span]:
+        """A trainer's pull asks for data: the dataset is checked and its leases topped up (``LeaseTable.grant``).
+
+        Raises:
+            FailedPrecondition: the run has no data leases, or another dataset.
+            InvalidArgument: a dataset or a number of samples no worker sends.
+        """
+        if self.leases is None:
+            raise FailedPrecondition("this run has no data leases (ps-server --data-leases): train on a shard")
+        if not 1 <= wanted <= MAX_LEASE_WANTED:
+            raise InvalidArgument(f"lease_samples_wanted must be from 1 to {MAX_LEASE_WANTED}, got {wanted}")
+        with self.store.lock:
+            self.leases.check_dataset(num_samples, fingerprint)
+            return self.leases.grant(worker_id, wanted)
+
+    def members(self) -> set[int]:
+        """The trainers that count now: live, pulled or pushed since they joined, with data to train on."""
+        members = self.registry.members()
+        return members - self.leases.idle if self.leases is not None else members
+
+    def expected(self) -> int:
+        """The pushes a sync round waits for at most: the members, and never fewer than ``min_workers`` less
+        the trainers lost (so the first rounds wait for the N the run starts with, joined or still to come).
+
+        A joiner counts from its first pull: one that joins mid-round does not hold that round back.
+        Under data leases, a worker with nothing to train on (idle) is not waited for.
+        """
+        idle = self.leases.idle if self.leases is not None else set()
+        floor = self.min_workers - self.registry.lost_trainers() - len(idle)
+        return max(1, floor, len(self.members()))
+
+    def lease_summary(self) -> tuple[list, int]:
+        """The open epochs' ``EpochState``s and the epochs completed, in one cut (empty without leases)."""
+        if self.leases is None:
+            return [], 0
+        with self.store.lock:
+            return self.leases.summary(), self.leases.completed
+
+    def on_departure(self, worker_id: int) -> None:
+        """A worker left, was lost, or joined again as a new incarnation: its leases go back to the pool."""
+        if self.leases is not None:
+            with self.store.lock:
+                returned = self.leases.revoke(worker_id)
+            if returned:
+                self.metrics.leases_reassigned(returned)
 
     def tick(self) -> None:
         """Periodic housekeeping: expire leases, let the engine react (round timeouts)."""
-        lost = self.registry.expire()
+        lost = self.registry.expire()  # their leases go back through the registry's on_departure
         known = self.registry.known_ids()
         with self.store.lock:
             self.intake.keep_only(known)  # forgotten records never push again
@@ -237,7 +318,8 @@ class ConsistencyEngine:
         per_region = [scale if r in self._param_regions else 1.0 for r in range(len(self.store.layout.regions))]
         self._mean.add(push.pieces, float(push.num_samples), per_region)
         self._losses.append(push.loss)
-        return LedgerEntry(0, push.worker_id, push.sequence, push.base_version, staleness, scale, push.num_samples)
+        return LedgerEntry(0, push.worker_id, push.sequence, push.base_version, staleness, scale, push.num_samples,
+                           incarnation=push.incarnation)
 
     def _publish(self, contributions: list[LedgerEntry], share: float = 1.0) -> int:
         """Applies the accumulated mean as one update; returns the new version.
@@ -266,12 +348,18 @@ class ConsistencyEngine:
         entries = [dataclasses.replace(entry, version=new_version, share=share) for entry in contributions]
         for entry in entries:
             self.ledger.record(entry)
+            if self.leases is not None:
+                self.leases.commit((entry.worker_id, entry.incarnation, entry.sequence))
         self.last_loss = sum(self._losses) / len(self._losses)
         self.metrics.update_applied(new_version, self.last_loss, entries)
         self._losses.clear()
         if self.max_versions is not None and new_version >= self.max_versions:
             log.info("reached version %d of %d: run complete", new_version, self.max_versions,
                      extra={"event": "run_complete", "version": new_version})
+            self.store.finish()
+        elif self.leases is not None and self.leases.finished:
+            log.info("all %d epochs trained at version %d: run complete", self.leases.epochs, new_version,
+                     extra={"event": "run_complete", "version": new_version, "epochs": self.leases.epochs})
             self.store.finish()
         return new_version
 
@@ -300,6 +388,7 @@ class ConsistencyEngine:
 
 
 QUORUM_MODES = ("all", "auto")
+MAX_LEASE_WANTED = 1 << 24  # positions one pull may ask to hold (a push trains on at most 2^24 samples)
 
 
 def auto_quorum(num_workers: int, backup_workers: int = 0) -> int:
@@ -348,7 +437,7 @@ class SyncRounds(ConsistencyEngine):
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
                  num_workers: int, backup_workers: int = 0, round_timeout: float | None = None,
                  quorum: str | int = "all", grace: GraceWindow | None = None, **kwargs):
-        super().__init__(store, rule, registry, **kwargs)
+        super().__init__(store, rule, registry, min_workers=num_workers, **kwargs)
         if not 0 <= backup_workers < num_workers:
             raise ValueError(f"backup workers ({backup_workers}) must be fewer than workers ({num_workers})")
         if isinstance(quorum, bool) or not (quorum in QUORUM_MODES or
@@ -358,7 +447,7 @@ class SyncRounds(ConsistencyEngine):
         self.backup_workers = backup_workers
         self.round_timeout = round_timeout
         self.adaptive = quorum != "all"
-        self._auto_quorum = quorum if isinstance(quorum, int) else auto_quorum(num_workers, backup_workers)
+        self._fixed_quorum = quorum if isinstance(quorum, int) else None  # None: auto (follows the members)
         self.grace = (grace or GraceWindow()) if self.adaptive else None
         self._round: list[LedgerEntry] = []  # pushes already added to the mean
         self._round_started: float | None = None
@@ -375,15 +464,18 @@ class SyncRounds(ConsistencyEngine):
         with self.store.lock:
             return len(self._round) + len(self._late)
 
-    def expected(self) -> int:
-        """The live workers a round waits for at most: N less the lost ones."""
-        return max(1, self.num_workers - self.registry.lost_trainers())
-
     def quorum(self) -> int:
-        """Pushes needed to close the current round (adaptive: once the grace window has passed)."""
-        if self.adaptive:
-            return min(self._auto_quorum, self.expected())
-        return max(1, self.num_workers - self.backup_workers - self.registry.lost_trainers())
+        """Pushes needed to close the current round (adaptive: once the grace window has passed).
+
+        It follows the membership (``expected``): all: the members less b; auto: the
+        members less b when b is given, else their majority; Q: Q, or all members when fewer.
+        """
+        expected = self.expected()
+        if not self.adaptive:
+            return max(1, expected - self.backup_workers)
+        if self._fixed_quorum is not None:
+            return min(self._fixed_quorum, expected)
+        return max(1, auto_quorum(expected, self.backup_workers))
 
     def due_in(self) -> float | None:
         with self.store.lock:
@@ -461,15 +553,15 @@ class SyncRounds(ConsistencyEngine):
             self._close_round("round timeout")
 
     def _close_round(self, reason: str) -> None:
-        count = len(self._round)
+        count, expected = len(self._round), self.expected()
         self.metrics.round_waited(self._clock() - self._round_started)
         version = self._publish(self._round + self._late)
         # every round is an event for JSON logs; only the ones that did not wait for their quorum (and,
         # adaptive, the grace window) are news
         log.log(logging.DEBUG if reason in ("quorum", "grace window") else logging.WARNING,
-                "round %d closed by %s with %d of %d pushes", version - 1, reason, count, self.num_workers,
+                "round %d closed by %s with %d of %d pushes", version - 1, reason, count, expected,
                 extra={"event": "round_closed", "round": version - 1, "reason": reason, "pushes": count,
-                       "workers": self.num_workers, "late_pushes": len(self._late)})
+                       "workers": expected, "late_pushes": len(self._late)})
         if self.adaptive:
             self._measure(complete=count >= self.expected())
         self._round = []
@@ -564,9 +656,12 @@ class AsyncEngine(ConsistencyEngine):
             return len(self._waiting)
 
     def on_pull(self, worker_id: int, version: int) -> None:
+        super().on_pull(worker_id, version)
         if self.staleness_bound is None:
             return  # nobody waits for anybody
         with self.store.lock:
+            if self.leases is not None and worker_id in self.leases.idle:
+                return  # no data to train on: it will not push from this version
             if any(p.worker_id == worker_id for p in self._waiting):
                 return  # its push is still waiting: its base stays the pushed one
             try:
@@ -677,6 +772,8 @@ class AsyncEngine(ConsistencyEngine):
         if self.store.done:
             for p in self._waiting:  # the run ended: release everyone
                 self._applied[(p.worker_id, p.sequence)] = False
+                if self.leases is not None:
+                    self.leases.unclaim(p.key)  # not applied: its positions were not trained into the model
             self._waiting.clear()
         self.store.lock.notify_all()
 

@@ -23,6 +23,7 @@ class LedgerEntry:
     # async --batch-share: the update's share of the global batch, the factor on the whole applied
     # update's PARAM mean (the same for every push applied together; 1.0 in sync mode or when off)
     share: float = 1.0
+    incarnation: int = 0  # of the worker that pushed it (sequences start over with each incarnation)
 
 
 class Ledger:
@@ -59,6 +60,9 @@ class Ledger:
             "ledger.entries": torch.tensor(rows, dtype=torch.int64).reshape(-1, 6),
             "ledger.scales": torch.tensor([e.scale for e in self.entries], dtype=torch.float64),
             "ledger.shares": torch.tensor([e.share for e in self.entries], dtype=torch.float64),
+            # incarnations are uint64 on the wire: stored as int64 with the same 64 bits
+            "ledger.incarnations": torch.tensor([e.incarnation - (1 << 64) if e.incarnation >= 1 << 63
+                                                 else e.incarnation for e in self.entries], dtype=torch.int64),
             "ledger.histogram": torch.tensor(sorted(self.staleness_histogram.items()),
                                              dtype=torch.int64).reshape(-1, 2),
             "ledger.applied": torch.tensor(sorted(self.applied_per_worker.items()), dtype=torch.int64).reshape(-1, 2),
@@ -69,14 +73,17 @@ class Ledger:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], capacity: int = 100_000) -> "Ledger":
         """Rebuilds a ledger saved by ``to_tensors`` (an empty one when the keys are absent).
 
-        Checkpoints written before ``ledger.shares`` existed load with every share 1.0.
+        Checkpoints written before ``ledger.shares`` or ``ledger.incarnations`` existed load with
+        every share 1.0 and every incarnation 0.
         """
         if "ledger.entries" not in tensors:
             return cls(capacity)
         rows = tensors["ledger.entries"].tolist()
         shares = tensors["ledger.shares"].tolist() if "ledger.shares" in tensors else [1.0] * len(rows)
-        entries = [LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples, share)
-                   for (version, worker_id, sequence, base, staleness, samples), scale, share
-                   in zip(rows, tensors["ledger.scales"].tolist(), shares)]
+        incarnations = ([i % (1 << 64) for i in tensors["ledger.incarnations"].tolist()]
+                        if "ledger.incarnations" in tensors else [0] * len(rows))
+        entries = [LedgerEntry(version, worker_id, sequence, base, staleness, scale, samples, share, incarnation)
+                   for (version, worker_id, sequence, base, staleness, samples), scale, share, incarnation
+                   in zip(rows, tensors["ledger.scales"].tolist(), shares, incarnations)]
         return cls(capacity, entries, staleness_histogram=dict(tensors["ledger.histogram"].tolist()),
                    applied_per_worker=dict(tensors["ledger.applied"].tolist()), total=int(tensors["ledger.total"]))

@@ -16,7 +16,7 @@ name                                        type       meaning
 version                                     gauge      the global version now
 updates_applied_total                       counter    updates (versions) this process applied
 pushes_accepted_total                       counter    pushes admitted (applied, or held for the round)
-pushes_dropped_total{reason}                counter    closed_round, too_stale or run_done
+pushes_dropped_total{reason}                counter    closed_round, too_stale, run_done or not_leased
 pushes_rejected_total{reason}               counter    refused with a gRPC status; reason is its name
 streams_refused_total{limit}                counter    Push/Pull streams refused as busy: total or per_peer
 push_staleness                              histogram  staleness of every applied push (buckets 0..16)
@@ -24,6 +24,11 @@ round_wait_seconds                          histogram  sync: a round's first pus
                                                        async with a bound: how long a push waited
 received_bytes_total, sent_bytes_total      counter    payload bytes of push chunks in, of pulls out
 workers_alive                               gauge      trainers whose lease is live
+worker_joins_total, worker_departures_total counter    trainer incarnations started; ended (left, lost, replaced)
+lease_samples_reassigned_total              counter    leased samples given back to the pool by a departure
+epoch_samples{epoch,state}                  gauge      data leases: an open epoch's samples that are done,
+                                                       in_pushes, leased or pending
+epochs_completed                            gauge      data leases: epochs trained exactly once
 worker_last_seen_seconds{worker}            gauge      seconds since the worker's last call
 worker_pushes_per_second{worker}            gauge      accepted pushes over the last ``window_s``
 worker_samples_per_second{worker}           gauge      samples of those pushes over the last ``window_s``
@@ -78,6 +83,9 @@ class MetricsHook:
     def evaluated(self, record: dict) -> None:
         """The server evaluated its model (``ServerEvaluator.run``'s record: version, top1, top5, loss, time)."""
 
+    def leases_reassigned(self, samples: int) -> None:
+        """A departed worker's leases, ``samples`` positions, went back to the pool."""
+
 
 class ServerMetrics(MetricsHook):
     """The server's measurements: Prometheus instruments plus the status page's histories.
@@ -91,13 +99,15 @@ class ServerMetrics(MetricsHook):
     """
 
     def __init__(self, registry, version: Callable[[], int], *, window_s: float = 10.0,
-                 history: int = HISTORY_POINTS, clock: Callable[[], float] = time.monotonic):
+                 history: int = HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
+                 leases: Callable[[], tuple[list, int]] | None = None):
         # Imported here, not at the top: a server without metrics never loads prometheus_client.
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = registry
         self.window_s = window_s
         self._version = version
+        self.leases = leases  # (open epochs' EpochStates, epochs completed) under data leases, read when scraped
         self._clock = clock
         self._lock = threading.Lock()
         self._recent: dict[int, collections.deque] = {}  # worker id -> (time, samples) of accepted pushes
@@ -122,6 +132,9 @@ class ServerMetrics(MetricsHook):
             buckets=ROUND_WAIT_BUCKETS, **on)
         self.received = Counter("paramhub_received_bytes", "Payload bytes of push chunks received.", **on)
         self.sent = Counter("paramhub_sent_bytes", "Payload bytes of pull streams sent.", **on)
+        self.reassigned = Counter("paramhub_lease_samples_reassigned",
+                                  "Leased samples given back to the pool when their worker left, died or rejoined.",
+                                  **on)
         self.prometheus.register(_ScrapeTimeCollector(self))
 
     # -- MetricsHook ----------------------------------------------------------------
@@ -160,6 +173,9 @@ class ServerMetrics(MetricsHook):
 
     def bytes_sent(self, n: int) -> None:
         self.sent.inc(n)
+
+    def leases_reassigned(self, samples: int) -> None:
+        self.reassigned.inc(samples)
 
     def evaluated(self, record: dict) -> None:
         with self._lock:
@@ -221,7 +237,7 @@ class _ScrapeTimeCollector:
         self._metrics = metrics
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         metrics = self._metrics
         trainers = metrics.registry.trainers()
@@ -243,4 +259,20 @@ class _ScrapeTimeCollector:
             push_rate, sample_rate = rates.get(record.worker_id, (0.0, 0.0))
             pushes.add_metric([record.name], push_rate)
             samples.add_metric([record.name], sample_rate)
-        return [version, alive, seen, pushes, samples]
+        joins = CounterMetricFamily("paramhub_worker_joins", "Trainer incarnations that joined.")
+        joins.add_metric([], metrics.registry.joins)
+        departures = CounterMetricFamily("paramhub_worker_departures",
+                                         "Trainer incarnations that ended: left, lost, or replaced by a newer one.")
+        departures.add_metric([], metrics.registry.departures)
+        families = [version, alive, seen, pushes, samples, joins, departures]
+        if metrics.leases is not None:
+            epochs, completed = metrics.leases()
+            by_state = GaugeMetricFamily("paramhub_epoch_samples", "An open epoch's samples by state.",
+                                         labels=["epoch", "state"])
+            for e in epochs:
+                for state in ("done", "in_pushes", "leased", "pending"):
+                    by_state.add_metric([str(e.epoch), state], getattr(e, state))
+            done = GaugeMetricFamily("paramhub_epochs_completed", "Epochs whose every sample was trained once.")
+            done.add_metric([], completed)
+            families += [by_state, done]
+        return families

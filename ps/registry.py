@@ -32,6 +32,7 @@ class WorkerRecord:
     joined: bool = True  # False for records restored from a checkpoint until the worker joins again
     left: bool = False  # this incarnation said Leave: its calls are refused until it joins again
     departure: int = 0  # orders departures (Leave or lease expiry): the larger, the more recent
+    active: bool = False  # this incarnation pulled the model since it joined: it counts in rounds (members)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +61,22 @@ class WorkerRegistry:
         max_live: records (trainers and observers) with a live lease at once.
         keep_departed: departed records remembered.
         restored, first_free_id: a resumed run's exported records and the lowest id never given out (``restore``).
+        max_trainers: trainers with a live lease at once (``--max-workers``); None: only ``max_live`` bounds them.
+        on_departure: called with the id of a trainer whose incarnation ended: it left, its lease expired, or a
+            newer incarnation joined (the engine gives its data leases back to the pool).
     """
 
     def __init__(self, lease_timeout: float, clock: Callable[[], float] = time.monotonic,
                  on_lost: Callable[[WorkerRecord], None] | None = None, *,
                  max_live: int = MAX_LIVE_WORKERS, keep_departed: int = KEEP_DEPARTED,
-                 restored: Sequence[dict] = (), first_free_id: int = 1):
+                 restored: Sequence[dict] = (), first_free_id: int = 1, max_trainers: int | None = None,
+                 on_departure: Callable[[int], None] | None = None):
         self.lease_timeout = lease_timeout
         self.max_live = max_live
+        self.max_trainers = max_trainers
+        self.on_departure = on_departure or (lambda worker_id: None)
+        self.joins = 0  # trainer joins that started an incarnation (a retried Join is not one)
+        self.departures = 0  # trainer incarnations that ended: left, lost, or replaced by a newer one
         self.keep_departed = keep_departed
         self._clock = clock
         self._on_lost = on_lost or (lambda record: None)
@@ -90,6 +99,7 @@ class WorkerRegistry:
             FailedPrecondition: an incarnation older than the one registered.
             ResourceExhausted: ``max_live`` other records hold a live lease.
         """
+        replaced = None
         with self._lock:
             now = self._clock()
             existing = self._by_id.get(self._by_name[name]) if name in self._by_name else None
@@ -98,30 +108,63 @@ class WorkerRegistry:
                     raise FailedPrecondition(
                         f"worker {name!r} incarnation {incarnation} is older than the live {existing.incarnation}")
                 if not existing.alive:
-                    self._check_room()
+                    self._check_room(existing.observer)
+                starts = incarnation > existing.incarnation or not existing.alive or existing.left \
+                    or not existing.joined
+                if starts and not existing.observer:
+                    if existing.alive and existing.joined and not existing.left:
+                        self.departures += 1  # the old incarnation ends here, without a Leave
+                        replaced = existing.worker_id
+                    self.joins += 1
+                    existing.active = False  # the new incarnation counts once it has pulled
                 if incarnation > existing.incarnation:
                     existing.incarnation = incarnation  # its pushes start over (the engine's intake sees it)
                 existing.alive = existing.joined = True
                 existing.left = False
                 existing.last_seen = now
                 existing.shard = shard
-                return dataclasses.replace(existing)
-            self._check_room()
-            worker_id = self._next_id
-            self._next_id += 1
-            record = WorkerRecord(worker_id, name or f"worker-{worker_id}", incarnation, observer, shard, now)
-            self._by_id[worker_id] = record
-            if name:
-                self._by_name[name] = worker_id
-            return dataclasses.replace(record)
+                record = dataclasses.replace(existing)
+            else:
+                self._check_room(observer)
+                worker_id = self._next_id
+                self._next_id += 1
+                record = WorkerRecord(worker_id, name or f"worker-{worker_id}", incarnation, observer, shard, now)
+                self._by_id[worker_id] = record
+                if name:
+                    self._by_name[name] = worker_id
+                if not observer:
+                    self.joins += 1
+                record = dataclasses.replace(record)
+        if replaced is not None:
+            self.on_departure(replaced)
+        return record
 
-    def _check_room(self) -> None:
-        """Raises ResourceExhausted when one more live record would pass ``max_live`` (lock held)."""
+    def _check_room(self, observer: bool) -> None:
+        """Raises ResourceExhausted when one more live record would pass ``max_live``, or a trainer
+        ``max_trainers`` (lock held)."""
         live = sum(1 for r in self._by_id.values() if r.alive)
         if live >= self.max_live:
             raise ResourceExhausted(
                 f"{live} workers hold a live lease, the most this server registers (--max-live-workers); "
                 "retry once one has left")
+        trainers = sum(1 for r in self._by_id.values() if r.alive and not r.observer)
+        if not observer and self.max_trainers is not None and trainers >= self.max_trainers:
+            raise ResourceExhausted(
+                f"the run has {trainers} live workers, the most it admits (--max-workers {self.max_trainers}); "
+                "retry once one has left")
+
+    def activate(self, worker_id: int) -> None:
+        """A trainer pulled the model or pushed: from now on it counts in rounds (``members``)."""
+        with self._lock:
+            record = self._by_id.get(worker_id)
+            if record is not None and record.joined and not record.observer:
+                record.active = True
+
+    def members(self) -> set[int]:
+        """Trainers that joined this process, are live and have pulled (or pushed) since they joined."""
+        with self._lock:
+            return {r.worker_id for r in self._by_id.values()
+                    if r.alive and r.joined and r.active and not r.left and not r.observer}
 
     def get(self, worker_id: int, incarnation: int) -> WorkerRecord:
         """The live record (not a copy) for a call from (worker_id, incarnation); renews the lease.
@@ -191,12 +234,16 @@ class WorkerRegistry:
         """
         with self._lock:
             record = self._session(worker_id, incarnation)
+            departed = not record.left and record.alive
             if not record.left:
                 record.left = True
                 self._depart(record)
             copy = dataclasses.replace(record)
             self._forget_departed()
-            return copy
+        if departed and not copy.observer:
+            self.departures += 1
+            self.on_departure(worker_id)
+        return copy
 
     def expire(self) -> list[WorkerRecord]:
         """Declares silent workers lost; returns the newly lost trainers.
@@ -213,8 +260,10 @@ class WorkerRegistry:
                     if not record.observer:
                         lost.append(record)
             self._forget_departed()
+            self.departures += sum(1 for record in lost if record.joined)
         for record in lost:
             self._on_lost(record)
+            self.on_departure(record.worker_id)
         return lost
 
     def _depart(self, record: WorkerRecord) -> None:

@@ -129,11 +129,12 @@ class PSServer:
                                                              self.store.rule_state_copy())
                 server_state.update(self.engine.ledger.to_tensors())
                 workers = self.registry.export()
+                leases = self.engine.leases.export() if self.engine.leases is not None else None
             path = checkpoint.save_checkpoint(
                 self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
                 metadata={"model": self.config.model, "num_classes": self.config.num_classes,
                           "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update,
-                          "workers": workers},
+                          "workers": workers, **({"leases": leases} if leases is not None else {})},
                 keep_last=self.config.keep_checkpoints,
             )
         self.last_checkpoint = str(path)

@@ -30,6 +30,7 @@ from paramhub.ps.consistency import ConsistencyEngine, PushResult, StagedPush
 from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable, abort_rpc
 from paramhub.ps.identity import check_join, printable
 from paramhub.ps.intake import Ticket
+from paramhub.ps.leases import spans_from_wire
 from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry
@@ -193,13 +194,27 @@ class ParameterServerServicer:
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
         with self.store.reading(request.min_version, wait) as snap:  # its memory is not reused while we stream
+            leases = self._leases_for(request) if request.lease_samples_wanted and not snap.done else ()
             yield pb.PullMessage(header=pb.PullHeader(
-                version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
+                version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch,
+                leases=[pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in leases]))
             if snap.version < request.min_version:
                 return  # header only: not there yet, ask again
             self.engine.on_pull(request.worker_id, snap.version)
             yield from self._pull_cache.stream(snap.version, snap.regions)
         self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
+
+    def _leases_for(self, request: pb.PullRequest) -> list:
+        """The data leases a trainer's pull asks for (``engine.grant_leases``); refused for anyone else."""
+        try:
+            record = self.registry.trainer(request.worker_id)
+        except KeyError:
+            raise FailedPrecondition("data leases are for workers that joined to train (not anonymous, not "
+                                     "observers)") from None
+        if not record.joined or record.left:
+            raise NotFound(f"worker {request.worker_id} has no session here; join again")
+        return self.engine.grant_leases(request.worker_id, request.dataset_samples, request.dataset_fingerprint,
+                                        request.lease_samples_wanted)
 
     def _pull_frozen(self) -> Iterator[object]:
         if self._frozen is None:
@@ -291,6 +306,7 @@ class ParameterServerServicer:
             worker_id=header.worker_id, incarnation=header.incarnation, sequence=header.sequence,
             base_version=header.base_version, num_samples=weighing.num_samples,
             loss=header.loss, pieces=pieces, keeps_base=header.keeps_base, clip=weighing.clip,
+            trained=tuple(spans_from_wire(header.trained)),
         ), ticket)
         return self._response(result)
 
@@ -309,6 +325,8 @@ class ParameterServerServicer:
             raise InvalidArgument("sequence numbers start at 1")
         if header.sparse_values and not header.sparse:
             raise InvalidArgument("sparse_values is for sparse pushes; a dense one declares none")
+        if header.trained and not self.run_spec.data_leases:
+            raise InvalidArgument("this run has no data leases: a push names no trained positions")
         self._codec_of(header)
 
     @staticmethod

@@ -43,6 +43,37 @@ class WorkerView:
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochView:
+    """One open epoch under data leases: its samples by state (they add up to the dataset's)."""
+
+    epoch: int
+    done: int
+    in_pushes: int
+    leased: int
+    pending: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Membership:
+    """Who trains: the bounds the run was given, who a round counts now, and the churn so far."""
+
+    min_workers: int
+    max_workers: int | None  # None: no limit but the registry's
+    round_members: int  # the pushes a sync round waits for now
+    joins: int
+    departures: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseView:
+    """The data leases (``--data-leases``): the open epochs, those completed, samples given back."""
+
+    epochs: list[EpochView]
+    completed: int
+    reassigned: int
+
+
+@dataclasses.dataclass(frozen=True)
 class StatusView:
     """The run at one moment."""
 
@@ -63,6 +94,8 @@ class StatusView:
     live_workers: int
     departed_workers: int
     not_listed: int  # trainers known but not in ``workers`` (the oldest departures)
+    membership: Membership | None = None
+    leases: LeaseView | None = None  # None: the run has no data leases
 
 
 def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejected: int) -> StatusView:
@@ -78,6 +111,9 @@ def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejec
     progress = engine.progress()
     applied = progress.applied_per_worker
     roster = registry.roster()  # bounded: live ones, then the most recent departures
+    lease_epochs, completed = engine.lease_summary()
+    leases = (LeaseView([EpochView(**dataclasses.asdict(e)) for e in lease_epochs], completed,
+                        engine.leases.reassigned) if engine.leases is not None else None)
     workers = [
         WorkerView(worker_id=r.worker_id, name=r.name, incarnation=r.incarnation, shard=r.shard, alive=r.alive,
                    left=r.left, last_base_version=r.last_base_version, applied=applied.get(r.worker_id, 0),
@@ -92,6 +128,9 @@ def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejec
         pushes_rejected=pushes_rejected, round_pushes=engine.round_pushes, last_loss=progress.last_loss,
         staleness_histogram=dict(progress.staleness_histogram), workers=workers, live_workers=len(roster.live),
         departed_workers=len(roster.departed) + roster.forgotten, not_listed=roster.forgotten,
+        membership=Membership(run.num_workers, run.max_workers or None, engine.expected(), registry.joins,
+                              registry.departures),
+        leases=leases,
     )
 
 
@@ -114,7 +153,21 @@ def to_response(status: StatusView, budget_bytes: int) -> pb.StatusResponse:
         max_staleness=max(histogram, default=0), staleness_bound=staleness_bound_on_wire(status.staleness_bound),
         pushes_applied=status.pushes_applied, live_workers=status.live_workers,
         departed_workers=status.departed_workers, workers_not_listed=len(workers) - listed + status.not_listed,
+        **_membership_fields(status),
     )
+
+
+def _membership_fields(status: StatusView) -> dict:
+    """The StatusResponse fields of the membership and the data leases."""
+    fields = {}
+    if status.membership is not None:
+        m = status.membership
+        fields.update(min_workers=m.min_workers, max_workers=m.max_workers or 0, round_members=m.round_members,
+                      joins=m.joins, departures=m.departures)
+    if status.leases is not None:
+        fields.update(epochs=[pb.EpochLeases(**dataclasses.asdict(e)) for e in status.leases.epochs],
+                      epochs_completed=status.leases.completed, leases_reassigned=status.leases.reassigned)
+    return fields
 
 
 def from_response(reply: pb.StatusResponse) -> StatusView:
@@ -134,6 +187,11 @@ def from_response(reply: pb.StatusResponse) -> StatusView:
         staleness_histogram={h.staleness: h.count for h in reply.staleness_histogram}, workers=workers,
         live_workers=reply.live_workers, departed_workers=reply.departed_workers,
         not_listed=reply.workers_not_listed,
+        membership=Membership(reply.min_workers, reply.max_workers or None, reply.round_members, reply.joins,
+                              reply.departures) if reply.min_workers else None,
+        leases=LeaseView([EpochView(e.epoch, e.done, e.in_pushes, e.leased, e.pending) for e in reply.epochs],
+                         reply.epochs_completed, reply.leases_reassigned)
+        if reply.epochs or reply.epochs_completed else None,
     )
 
 

@@ -8,6 +8,8 @@ and draws its plots as inline SVG in plain JavaScript.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -63,6 +65,8 @@ def page_status(status: StatusView, metrics: ServerMetrics) -> dict:
         "workers": workers,
         "departed_workers": status.departed_workers,
         "workers_not_listed": status.not_listed,  # departures older than the --keep-departed remembered
+        "membership": dataclasses.asdict(status.membership) if status.membership is not None else None,
+        "leases": dataclasses.asdict(status.leases) if status.leases is not None else None,  # None: no data leases
         # columns, not rows: 2000 points poll every second
         "loss_history": {"version": [v for v, _, _ in losses], "time": [t for _, t, _ in losses],
                          "loss": [_finite(loss) for _, _, loss in losses]},
@@ -201,6 +205,15 @@ PAGE = """<!doctype html>
     <tbody></tbody>
   </table>
   <p id="not-listed"></p>
+  <p id="membership"></p>
+</section>
+<section class="panel" id="leases-panel" hidden>
+  <h2>Data leases</h2>
+  <table id="leases">
+    <thead><tr><th>epoch</th><th>done</th><th>in pushes</th><th>leased</th><th>pending</th></tr></thead>
+    <tbody></tbody>
+  </table>
+  <p id="leases-summary"></p>
 </section>
 <div class="plots">
   <section class="panel"><h2>Training loss vs version</h2><svg id="loss-plot" viewBox="0 0 480 240"></svg></section>
@@ -314,6 +327,25 @@ function workersTable(workers) {
   }
 }
 
+function leasesTable(leases) {
+  document.getElementById("leases-panel").hidden = leases === null;
+  if (leases === null) return;
+  const body = document.querySelector("#leases tbody");
+  body.replaceChildren();
+  for (const e of leases.epochs) {
+    const row = document.createElement("tr");
+    for (const value of [e.epoch, e.done, e.in_pushes, e.leased, e.pending]) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      row.appendChild(cell);
+    }
+    body.appendChild(row);
+  }
+  document.getElementById("leases-summary").textContent =
+    `${leases.completed} epoch${leases.completed === 1 ? "" : "s"} complete; ` +
+    `${leases.reassigned} lease${leases.reassigned === 1 ? "" : "s"} given back by departures`;
+}
+
 function render(s) {
   const bound = s.staleness_bound === null ? "unbounded" : s.staleness_bound;
   document.getElementById("run").textContent =
@@ -332,6 +364,12 @@ function render(s) {
   workersTable(s.workers);
   document.getElementById("not-listed").textContent = s.workers_not_listed
     ? `${s.workers_not_listed} older departed worker${s.workers_not_listed === 1 ? "" : "s"} not listed` : "";
+  const m = s.membership;
+  document.getElementById("membership").textContent = m
+    ? `a round waits for ${m.round_members}; at least ${m.min_workers} to start, at most ` +
+      `${m.max_workers === null ? "any number" : m.max_workers} at once; ${m.joins} joins, ${m.departures} departures`
+    : "";
+  leasesTable(s.leases);
   linePlot(document.getElementById("loss-plot"), s.loss_history.version, s.loss_history.loss, null, null,
            "version", "no update applied yet");
   linePlot(document.getElementById("accuracy-plot"), s.accuracy_history.version, top1, 0, 1,

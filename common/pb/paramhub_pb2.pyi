@@ -96,7 +96,7 @@ class ModelSpec(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions", "topk_ratio", "codec")
+    __slots__ = ("mode", "update", "num_workers", "local_steps", "heartbeat_interval_s", "local_lr", "local_momentum", "staleness_bound", "max_push_wait_s", "wire_dtype", "partition", "num_partitions", "topk_ratio", "codec", "data_leases", "lease_seed", "max_workers")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,9 @@ class RunSpec(_message.Message):
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    DATA_LEASES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update: str
     num_workers: int
@@ -125,7 +128,10 @@ class RunSpec(_message.Message):
     num_partitions: int
     topk_ratio: float
     codec: str
-    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
+    data_leases: bool
+    lease_seed: int
+    max_workers: int
+    def __init__(self, mode: _Optional[str] = ..., update: _Optional[str] = ..., num_workers: _Optional[int] = ..., local_steps: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., local_lr: _Optional[float] = ..., local_momentum: _Optional[float] = ..., staleness_bound: _Optional[int] = ..., max_push_wait_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ..., topk_ratio: _Optional[float] = ..., codec: _Optional[str] = ..., data_leases: _Optional[bool] = ..., lease_seed: _Optional[int] = ..., max_workers: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "incarnation", "observer", "shard")
@@ -160,28 +166,46 @@ class JoinResponse(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., frozen_layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "min_version", "layout_hash", "frozen")
+    __slots__ = ("worker_id", "min_version", "layout_hash", "frozen", "dataset_samples", "dataset_fingerprint", "lease_samples_wanted")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SAMPLES_WANTED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     min_version: int
     layout_hash: str
     frozen: bool
-    def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    dataset_samples: int
+    dataset_fingerprint: str
+    lease_samples_wanted: int
+    def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., frozen: _Optional[bool] = ..., dataset_samples: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., lease_samples_wanted: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "layout_hash", "done", "server_epoch")
+    __slots__ = ("version", "layout_hash", "done", "server_epoch", "leases")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     version: int
     layout_hash: str
     done: bool
     server_epoch: str
-    def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+    leases: _containers.RepeatedCompositeFieldContainer[DataRange]
+    def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., leases: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ...) -> None: ...
+
+class DataRange(_message.Message):
+    __slots__ = ("epoch", "start", "end")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    start: int
+    end: int
+    def __init__(self, epoch: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("region", "offset", "data", "indices")
@@ -204,7 +228,7 @@ class PullMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse", "keeps_base", "sparse_values", "codec")
+    __slots__ = ("worker_id", "incarnation", "sequence", "base_version", "kind", "layout_hash", "num_samples", "loss", "dry_run", "sparse", "keeps_base", "sparse_values", "codec", "trained")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +242,7 @@ class PushHeader(_message.Message):
     KEEPS_BASE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_VALUES_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     sequence: int
@@ -231,7 +256,8 @@ class PushHeader(_message.Message):
     keeps_base: bool
     sparse_values: int
     codec: str
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ..., keeps_base: _Optional[bool] = ..., sparse_values: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+    trained: _containers.RepeatedCompositeFieldContainer[DataRange]
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., kind: _Optional[_Union[PushKind, str]] = ..., layout_hash: _Optional[str] = ..., num_samples: _Optional[int] = ..., loss: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sparse: _Optional[bool] = ..., keeps_base: _Optional[bool] = ..., sparse_values: _Optional[int] = ..., codec: _Optional[str] = ..., trained: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ...) -> None: ...
 
 class PushMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -326,7 +352,7 @@ class StalenessCount(_message.Message):
     def __init__(self, staleness: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied", "live_workers", "departed_workers", "workers_not_listed")
+    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied", "live_workers", "departed_workers", "workers_not_listed", "min_workers", "max_workers", "round_members", "epochs", "epochs_completed", "joins", "departures", "leases_reassigned")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +369,14 @@ class StatusResponse(_message.Message):
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DEPARTED_WORKERS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_NOT_LISTED_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
+    DEPARTURES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_REASSIGNED_FIELD_NUMBER: _ClassVar[int]
     version: int
     mode: str
     update: str
@@ -359,4 +393,26 @@ class StatusResponse(_message.Message):
     live_workers: int
     departed_workers: int
     workers_not_listed: int
-    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., live_workers: _Optional[int] = ..., departed_workers: _Optional[int] = ..., workers_not_listed: _Optional[int] = ...) -> None: ...
+    min_workers: int
+    max_workers: int
+    round_members: int
+    epochs: _containers.RepeatedCompositeFieldContainer[EpochLeases]
+    epochs_completed: int
+    joins: int
+    departures: int
+    leases_reassigned: int
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., live_workers: _Optional[int] = ..., departed_workers: _Optional[int] = ..., workers_not_listed: _Optional[int] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., round_members: _Optional[int] = ..., epochs: _Optional[_Iterable[_Union[EpochLeases, _Mapping]]] = ..., epochs_completed: _Optional[int] = ..., joins: _Optional[int] = ..., departures: _Optional[int] = ..., leases_reassigned: _Optional[int] = ...) -> None: ...
+
+class EpochLeases(_message.Message):
+    __slots__ = ("epoch", "done", "in_pushes", "leased", "pending")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    IN_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    done: int
+    in_pushes: int
+    leased: int
+    pending: int
+    def __init__(self, epoch: _Optional[int] = ..., done: _Optional[int] = ..., in_pushes: _Optional[int] = ..., leased: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
