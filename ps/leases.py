@@ -151,7 +151,8 @@ class LeaseTable:
         All or nothing: on any error the leases are as before.
 
         Raises:
-            InvalidArgument: no spans, too many, empty or reversed ones, or lengths that do not add up to ``num_samples``.
+            InvalidArgument: no spans, too many, empty or reversed ones, or lengths that do not add up
+                to ``num_samples``.
             NotLeased: a position that is not leased to this worker (it was revoked, or never was).
         """
         if not spans:
