@@ -262,5 +262,7 @@ class WorkerConfig:
     chunk_bytes: int = 2 << 20
     # async mode: push and prefetch the next pull while the next step computes; None: only on a GPU
     overlap: bool | None = None
+    # data leases: append every push's (epoch, sample) pairs to this JSON-lines file (for checking exactly-once)
+    sample_log: str | None = None
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     security: Security = Security()

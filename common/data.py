@@ -10,15 +10,16 @@ its own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
-from paramhub.common.shards import DataError, resolve_data_source
+from paramhub.common.shards import DataError, read_manifest, resolve_data_source, sha256_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,6 +197,49 @@ def training_shard(source: str, shard: int, num_shards: int, *, num_classes: int
     if where.split:
         return Subset(folder, shard_indices(len(folder), shard, num_shards, seed))
     return Subset(folder, list(range(len(folder))))
+
+
+def leased_dataset(source: str, *, num_classes: int, image_size: int, augment: str = "auto", seed: int = 0,
+                   synthetic_size: int = 4096) -> tuple[Dataset, str]:
+    """The whole training set a worker trains on under data leases, and its fingerprint.
+
+    Every worker opens the same data (``synthetic``, an ImageFolder tree, or the
+    directory holding all of ps-data's shards, in shard order); the server
+    refuses a worker whose sample count or fingerprint differs from the run's,
+    so a position means the same sample everywhere. The fingerprint hashes every
+    image's path (relative to the root) and label, not the pixels: cheap enough
+    for ImageNet, and it catches a different, reordered or relabelled tree.
+
+    Raises:
+        DataError: a missing or empty tree, one ps-data shard alone, or the validation split.
+    """
+    if source == "synthetic":
+        data = SyntheticImages(synthetic_size, num_classes, image_size, seed=seed)
+        return data, sha256_bytes(f"synthetic:{synthetic_size}:{num_classes}:{image_size}:{seed}".encode())
+    root = pathlib.Path(source)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    manifest = read_manifest(root)
+    transform = train_transform(image_size, augment)
+    if manifest is None:
+        folders = [image_folder(root, transform)]
+    elif manifest["kind"] == "dataset":
+        classes = manifest["classes"]
+        folders = [image_folder(root / entry["path"], transform, classes=classes)
+                   for entry in sorted(manifest["shards"], key=lambda entry: entry["index"])]
+    else:
+        raise DataError(f"{root} is one {manifest['kind']} written by ps-data; with data leases every worker trains "
+                        "on the whole set: give the directory that holds all the shards")
+    if max(len(folder.classes) for folder in folders) > num_classes:
+        raise DataError(f"{root} has more classes than the model's {num_classes}")
+    listing = hashlib.sha256()
+    for folder in folders:
+        for path, label in folder.samples:
+            listing.update(f"{pathlib.Path(path).relative_to(root).as_posix()}\t{label}\n".encode())
+    data = folders[0] if len(folders) == 1 else ConcatDataset(folders)
+    if len(data) == 0:
+        raise DataError(f"{root} holds no images")
+    return data, listing.hexdigest()
 
 
 def seed_augmentation(seed: int, shard: int) -> None:

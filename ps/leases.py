@@ -63,6 +63,7 @@ class LeaseTable:
         self.num_samples: int | None = None  # fixed by the first pull that names the dataset
         self.fingerprint = ""
         self.completed = 0  # epochs whose every position is done
+        self.next_epoch = 0  # the next epoch to open (epochs may complete out of order; none opens twice)
         self.reassigned = 0  # leases given back to the pool from a worker that died, left or joined again
         self._pending: dict[int, Spans] = {}  # open epoch -> positions not handed out
         self._done: dict[int, Spans] = {}
@@ -88,8 +89,8 @@ class LeaseTable:
                                   f"{MAX_FINGERPRINT_CHARS}")
         if self.num_samples is None:
             self.num_samples, self.fingerprint = num_samples, fingerprint
-            if not self._pending and not self.finished:
-                self._open(self.completed)
+            if not self._pending:
+                self._epoch_with_pending()  # opens the next epoch, if the run has one left
             return
         if (num_samples, fingerprint) != (self.num_samples, self.fingerprint):
             raise FailedPrecondition(
@@ -104,6 +105,7 @@ class LeaseTable:
     def _open(self, epoch: int) -> None:
         self._pending[epoch] = Spans([(0, self.num_samples)])
         self._done[epoch] = Spans()
+        self.next_epoch = epoch + 1
 
     # -- the four moves -------------------------------------------------------------------
 
@@ -134,11 +136,11 @@ class LeaseTable:
                 return epoch
         if self.num_samples is None or len(self._pending) >= OPEN_EPOCHS:
             return None
-        following = max(self._pending, default=self.completed - 1) + 1
-        if self.epochs is not None and following >= self.epochs:
+        if self.epochs is not None and self.next_epoch >= self.epochs:
             return None
-        self._open(following)
-        return following
+        epoch = self.next_epoch
+        self._open(epoch)
+        return epoch
 
     def leases_of(self, worker_id: int) -> list[Span]:
         """The positions leased to a worker (not in its pushes), oldest epoch and position first."""
@@ -235,6 +237,7 @@ class LeaseTable:
         """
         return {"num_samples": self.num_samples, "fingerprint": self.fingerprint, "lease_size": self.lease_size,
                 "seed": self.seed, "completed": self.completed, "reassigned": self.reassigned,
+                "next_epoch": self.next_epoch,
                 "done": {str(epoch): spans.intervals() for epoch, spans in self._done.items()}}
 
     def _restore(self, state: dict) -> None:
@@ -243,6 +246,7 @@ class LeaseTable:
                              f"{self.seed}: resume with the same seed")
         self.completed = int(state["completed"])
         self.reassigned = int(state["reassigned"])
+        self.next_epoch = int(state["next_epoch"])
         if state.get("num_samples") is None:
             return
         self.num_samples, self.fingerprint = int(state["num_samples"]), str(state["fingerprint"])
@@ -253,6 +257,7 @@ class LeaseTable:
             for start, end in done.intervals():
                 pending.remove(start, end)
             self._pending[epoch] = pending
+            self.next_epoch = max(self.next_epoch, epoch + 1)
 
 
 def spans_from_wire(ranges: Iterable) -> list[Span]:

@@ -106,7 +106,8 @@ def _launcher_server(env) -> str | None:
 @click.option("--overlap/--no-overlap", default=None,
               help="Async mode: push and prefetch the next pull while the next step computes, on weights one "
                    "exchange old.  [default: on when training on a GPU, off on the CPU]")
-@click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--loader-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes (not used under data leases: samples are read in the training process).")
+@click.option("--sample-log", default=None, type=click.Path(dir_okay=False), help="Data leases: append one JSON line per push (its worker id, incarnation, sequence and the (epoch, sample) pairs it trained on) to this file.")
 @click.option("--name", default="", help="Stable worker name (default shard-<i>): ASCII letters, digits and . _ - : @, at most 128.")
 @click.option("--connect-timeout", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Seconds to keep retrying an unreachable server.")
 @click.option("--rpc-timeout", default=30.0, type=click.FloatRange(min=0, min_open=True), help="Deadline of each small RPC.")
@@ -115,7 +116,8 @@ def _launcher_server(env) -> str | None:
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
 def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
-         threads, overlap, loader_workers, name, connect_timeout, rpc_timeout, log_every, log_level, log_format, **security):
+         threads, overlap, loader_workers, sample_log, name, connect_timeout, rpc_timeout, log_every, log_level,
+         log_format, **security):
     """Train one data shard: pull the global model, compute, push, until the server says done.
 
     \b
@@ -134,7 +136,7 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
     config = WorkerConfig(
         server=server, shard=shard, num_shards=num_shards, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size,
         augment=augment, device=device, seed=seed, synthetic_size=synthetic_size, loader_workers=loader_workers,
-        name=name, log_every=log_every, overlap=overlap,
+        name=name, log_every=log_every, overlap=overlap, sample_log=sample_log,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
         security=pop_security(security),
     )

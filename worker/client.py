@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import grpc
 import torch
@@ -22,6 +22,7 @@ import torch
 from paramhub.common import codec, codecs
 from paramhub.common.config import Timeouts
 from paramhub.common.layout import WIRE_TO_DTYPE, Layout
+from paramhub.common.leases import Span
 from paramhub.common.pushback import pushback_seconds
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.pb import paramhub_pb2_grpc as pb_grpc
@@ -200,14 +201,17 @@ class PSClient:
             raise RuntimeError("join first")
         return self.info
 
-    def pull(self, regions: list, min_version: int = 0) -> pb.PullHeader:
+    def pull(self, regions: list, min_version: int = 0, leases: dict | None = None) -> pb.PullHeader:
         """Streams the global model into ``regions`` (CPU flat buffers of the layout).
 
         Returns the header. If its version is below ``min_version`` the server's wait
-        ended first and ``regions`` are untouched: call again.
+        ended first and ``regions`` are untouched: call again. ``leases``: the
+        PullRequest fields that ask for data leases (``LeasedBatches.request``); the
+        header then lists this worker's leases, header-only replies too.
         """
         info = self._joined()
-        request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash)
+        request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash,
+                                 **(leases or {}))
         wire = info.wire_layout
         if wire is info.layout:
             return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
@@ -253,13 +257,16 @@ class PSClient:
                 return header
 
     def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
-             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, keeps_base: bool = False, trained: Sequence[Span] = (),
+             announce: Callable[[pb.PushHeader], None] | None = None) -> pb.PushResponse:
         """Sends one update (every region of the layout) in the run's codec; retried with the same sequence number.
 
         The codec keeps what it did not send (error feedback) for the next push; a
         dry run encodes without touching that. ``keeps_base`` tells the server the
         next update is computed on the same weights (overlapped transfers), so a
-        staleness bound keeps counting from them.
+        staleness bound keeps counting from them. ``trained``: under data leases, the
+        positions the update was computed on. ``announce`` is called with the header
+        just before it is first sent.
         """
         info = self._joined()
         self._sequence += 1
@@ -270,7 +277,10 @@ class PSClient:
             base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
             loss=loss, dry_run=dry_run, sparse=encoded.sparse, keeps_base=keeps_base,
             sparse_values=encoded.sparse_values, codec=encoded.codec,
+            trained=[pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in trained],
         )
+        if announce is not None:
+            announce(header)
 
         def messages() -> Iterator[object]:
             yield pb.PushMessage(header=header)

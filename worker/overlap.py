@@ -47,6 +47,8 @@ def overlap_refusal(run: pb.RunSpec) -> str:
         return "the server runs with --staleness 0 (sync)"
     if run.staleness_bound > 0 and run.num_partitions > 1:
         return "the model is partitioned and the server runs with a staleness bound"
+    if run.data_leases:
+        return "the server leases the data (--data-leases): a push must be answered before the next pull's leases"
     return ""
 
 

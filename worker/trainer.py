@@ -21,13 +21,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from paramhub.common.config import WorkerConfig, staleness_bound_from_wire
-from paramhub.common.data import seed_augmentation, shard_loader, training_shard
+from paramhub.common.data import leased_dataset, seed_augmentation, shard_loader, training_shard
 from paramhub.common.layout import BUFFER, PARAM, Layout, bind_model
 from paramhub.common.models import build_model
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.common.runtime import recheck_threads
 from paramhub.worker.client import RunFailed, ServerRestarted
 from paramhub.worker.interface import ParameterClient
+from paramhub.worker.leases import LeasedBatches, SampleLog
 from paramhub.worker.overlap import OverlappedClient, overlap_refusal
 
 log = logging.getLogger("paramhub.worker")
@@ -180,8 +181,13 @@ class LocalSGD:
         base = {r: flat.clone() for r, flat in self.param_regions.items()}
         train_mode(self.model, self.frozen_modules)
         samples, loss_sum = 0, 0.0
-        for _ in range(self.local_steps):
-            images, labels = next(batches)
+        for step in range(self.local_steps):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                if step == 0:
+                    raise
+                break  # the data ran out mid-round: push the steps taken
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=False)
             loss = self.loss_fn(self.model(images), labels)
@@ -247,6 +253,8 @@ class _Session:
     model_regions: list[torch.Tensor]  # the model's tensors (on CUDA, device copies of wire_regions)
     update: dict[int, torch.Tensor]  # the PARAM regions of an update, filled by work.compute
     push_regions: list[torch.Tensor]  # every region of a push: the update's PARAM regions, the buffers
+    leased: LeasedBatches | None = None  # data leases: batches come from the positions the server leases
+    sample_log: SampleLog | None = None  # --sample-log: every push's samples, for checking exactly-once
 
     @property
     def on_cuda(self) -> bool:
@@ -261,6 +269,7 @@ class _Step:
     reply: pb.PushResponse | None = None
     num_samples: int = 0
     loss: float = 0.0
+    idle: bool = False  # data leases: nothing was leased to us; pull again once the version moves
 
 
 class Trainer:
@@ -292,6 +301,9 @@ class Trainer:
                     version = self._rejoin(client, session, info, exc)
                     continue
                 summary.final_version = step.version
+                if step.idle:
+                    version = step.version + 1  # others hold the rest of the epoch: wait for the next update
+                    continue
                 if step.reply is None:
                     break
                 self._record(summary, session, step, progress)
@@ -299,6 +311,8 @@ class Trainer:
                     break
                 version = step.reply.next_version
         client.leave()
+        if session.sample_log is not None:
+            session.sample_log.close()
         log.info("%s done after %d steps at version %d", session.prefix, summary.steps, summary.final_version)
         return summary
 
@@ -325,19 +339,31 @@ class Trainer:
             "grad": lambda: GradientStep(model, layout, frozen_modules),
             "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
-        data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
-                              image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
-                              synthetic_size=cfg.synthetic_size)
-        loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
-                              pin_memory=on_cuda)
         seed_augmentation(cfg.seed, cfg.shard)
-        prefix = f"[worker {cfg.shard}/{num_shards}]"
-        log.info("%s joined as id %d: %s, %d classes, %d samples in shard, %s/%s, device %s", prefix,
-                 info.worker_id, info.model.arch, info.model.num_classes, len(data), info.run.mode,
+        leased, sample_log = None, None
+        if info.run.data_leases:
+            data, fingerprint = leased_dataset(cfg.data, num_classes=info.model.num_classes,
+                                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
+                                               synthetic_size=cfg.synthetic_size)
+            steps = info.run.local_steps if info.run.update == "avg" else 1
+            leased = LeasedBatches(data, fingerprint, info.run.lease_seed, cfg.batch_size, steps)
+            sample_log = SampleLog(cfg.sample_log, leased) if cfg.sample_log else None
+            batches, what = None, "samples in the dataset, leased by the server"
+        else:
+            data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
+                                  image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
+                                  synthetic_size=cfg.synthetic_size)
+            loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
+                                  pin_memory=on_cuda)
+            batches, what = endless(loader, cfg.epochs), "samples in shard"
+        prefix = f"[worker {cfg.shard}/{num_shards}]" if leased is None else f"[worker {info.name}]"
+        log.info("%s joined as id %d: %s, %d classes, %d %s, %s/%s, device %s", prefix,
+                 info.worker_id, info.model.arch, info.model.num_classes, len(data), what, info.run.mode,
                  info.run.update, device)
-        return _Session(prefix=prefix, layout=layout, device=device, work=work, batches=endless(loader, cfg.epochs),
+        return _Session(prefix=prefix, layout=layout, device=device, work=work, batches=batches,
                         wire_regions=wire_regions, model_regions=model_regions, update=update,
-                        push_regions=[update.get(r, wire_regions[r]) for r in range(len(layout.regions))])
+                        push_regions=[update.get(r, wire_regions[r]) for r in range(len(layout.regions))],
+                        leased=leased, sample_log=sample_log)
 
     def _transfers(self, info, session: _Session) -> ParameterClient:
         """The client the loop talks to: ours, or it wrapped to overlap transfers with the steps."""
@@ -354,7 +380,9 @@ class Trainer:
         return self.client
 
     def _step(self, client: ParameterClient, session: _Session, version: int) -> _Step:
-        """Pulls at least ``version``, computes one update on the shard, pushes it."""
+        """Pulls at least ``version``, computes one update on the shard (or the leased data), pushes it."""
+        if session.leased is not None:
+            return self._leased_step(client, session, version)
         header = client.wait_and_pull(session.wire_regions, version)
         if header.done:
             return _Step(header.version)
@@ -371,6 +399,36 @@ class Trainer:
                 session.wire_regions[r].copy_(session.model_regions[r])
         reply = client.push(session.work.kind, header.version, session.push_regions, num_samples=num_samples,
                             loss=loss)
+        return _Step(header.version, reply, num_samples, loss)
+
+    def _leased_step(self, client: ParameterClient, session: _Session, version: int) -> _Step:
+        """``_step`` under data leases: the pull brings the leases, the push names the positions it trained on.
+
+        After an idle step (nothing leased) ``version`` is one past the weights we
+        hold, and a header-only reply that brings leases is trained on those weights.
+        """
+        leased = session.leased
+        while True:
+            header = client.pull(session.wire_regions, version, leases=leased.request())
+            if header.done or header.version >= version:
+                break
+            if header.leases and header.version == version - 1:
+                break  # leases for the weights we already hold
+        if header.done:
+            return _Step(header.version)
+        spans = leased.plan(header.leases)
+        if not spans:
+            return _Step(header.version, idle=True)
+        if session.on_cuda:
+            for dst, src in zip(session.model_regions, session.wire_regions):
+                dst.copy_(src, non_blocking=True)
+        num_samples, loss = session.work.compute(leased.batches(spans), session.device, session.update)
+        if session.on_cuda:
+            for r in session.layout.region_indices(BUFFER):
+                session.wire_regions[r].copy_(session.model_regions[r])
+        announce = session.sample_log.record if session.sample_log is not None else None
+        reply = client.push(session.work.kind, header.version, session.push_regions, num_samples=num_samples,
+                            loss=loss, trained=spans, announce=announce)
         return _Step(header.version, reply, num_samples, loss)
 
     def _rejoin(self, client: ParameterClient, session: _Session, info, exc: ServerRestarted) -> int:
