@@ -64,7 +64,7 @@ class LeaseTable:
         self.fingerprint = ""
         self.completed = 0  # epochs whose every position is done
         self.next_epoch = 0  # the next epoch to open (epochs may complete out of order; none opens twice)
-        self.reassigned = 0  # leases given back to the pool from a worker that died, left or joined again
+        self.reassigned = 0  # leased positions given back to the pool by a worker that died, left or joined again
         self._pending: dict[int, Spans] = {}  # open epoch -> positions not handed out
         self._done: dict[int, Spans] = {}
         self._leased: dict[int, dict[int, Spans]] = {}  # worker -> epoch -> positions leased to it
@@ -216,7 +216,7 @@ class LeaseTable:
             for start, end in spans.intervals():
                 self._pending[epoch].add(start, end)
                 returned += end - start
-                self.reassigned += 1
+        self.reassigned += returned
         return returned
 
     # -- reporting and checkpoints ----------------------------------------------------------

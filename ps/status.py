@@ -66,7 +66,7 @@ class Membership:
 
 @dataclasses.dataclass(frozen=True)
 class LeaseView:
-    """The data leases (``--data-leases``): the open epochs, those completed, samples given back."""
+    """The data leases (``--data-leases``): the open epochs, those completed, leased samples given back."""
 
     epochs: list[EpochView]
     completed: int

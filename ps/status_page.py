@@ -343,7 +343,7 @@ function leasesTable(leases) {
   }
   document.getElementById("leases-summary").textContent =
     `${leases.completed} epoch${leases.completed === 1 ? "" : "s"} complete; ` +
-    `${leases.reassigned} lease${leases.reassigned === 1 ? "" : "s"} given back by departures`;
+    `${leases.reassigned} leased sample${leases.reassigned === 1 ? "" : "s"} given back by departures`;
 }
 
 function render(s) {

@@ -249,8 +249,8 @@ def status_table(status: StatusView) -> str:
                      f"{m.max_workers or 'any number of'} at once; {m.joins} joins, {m.departures} departures")
     if status.leases is not None:
         leases = status.leases
-        lines += ["", f"data leases: {leases.completed} epoch(s) complete, {leases.reassigned} leases given back by "
-                      "departures", "epoch      done  in pushes    leased   pending"]
+        lines += ["", f"data leases: {leases.completed} epoch(s) complete, {leases.reassigned} leased samples given "
+                      "back by departures", "epoch      done  in pushes    leased   pending"]
         lines += [f"{e.epoch:>5} {e.done:>9} {e.in_pushes:>10} {e.leased:>9} {e.pending:>9}" for e in leases.epochs]
     if status.staleness_histogram:
         lines += ["", "staleness  pushes"] + [f"{staleness:>9}  {count}"
