@@ -87,6 +87,7 @@ class SampleLog:
         epochs = [span.epoch for span in spans for _ in range(len(span))]
         self._file.write(json.dumps({
             "worker_id": header.worker_id, "incarnation": header.incarnation, "sequence": header.sequence,
+            "base_version": header.base_version,
             "samples": [list(pair) for pair in zip(epochs, self._batches.indices(spans))],
         }) + "\n")
         self._file.flush()

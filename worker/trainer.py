@@ -357,8 +357,8 @@ class Trainer:
                                   pin_memory=on_cuda)
             batches, what = endless(loader, cfg.epochs), "samples in shard"
         prefix = f"[worker {cfg.shard}/{num_shards}]" if leased is None else f"[worker {info.name}]"
-        log.info("%s joined as id %d: %s, %d classes, %d %s, %s/%s, device %s", prefix,
-                 info.worker_id, info.model.arch, info.model.num_classes, len(data), what, info.run.mode,
+        log.info("%s joined as id %d at version %d: %s, %d classes, %d %s, %s/%s, device %s", prefix,
+                 info.worker_id, info.version, info.model.arch, info.model.num_classes, len(data), what, info.run.mode,
                  info.run.update, device)
         return _Session(prefix=prefix, layout=layout, device=device, work=work, batches=batches,
                         wire_regions=wire_regions, model_regions=model_regions, update=update,
