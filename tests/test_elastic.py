@@ -217,3 +217,24 @@ def test_a_resumed_server_leases_again_what_its_checkpoint_had_not_done(start_se
     header = pull(b, ask(samples=10, wanted=10))
     # epoch 0 from position 5 on (the 5 done before the checkpoint stay done), then epoch 1's first leases
     assert [(r.epoch, r.start, r.end) for r in header.leases] == [(0, 5, 10), (1, 0, 8)]
+
+
+def test_metrics_count_joins_departures_and_the_epochs_samples(start_server, connect):
+    from test_metrics import scrape, value
+
+    server = start_server(workers=1, mode="async", data_leases=True, lease_size=4, metrics_port=0)
+    a, b = connect(server.port), connect(server.port)
+    a.join("a"), b.join("b")
+    header = pull(a, ask(samples=10, wanted=4))
+    push(a, 0, spans(header, 2))
+    pull(b, ask(samples=10, wanted=4))
+    b.leave()
+    samples = scrape(server.metrics_port)
+    assert value(samples, "paramhub_worker_joins_total") == 2
+    assert value(samples, "paramhub_worker_departures_total") == 1
+    assert value(samples, "paramhub_lease_samples_reassigned_total") == 4
+    states = {state: value(samples, "paramhub_epoch_samples", epoch="0", state=state)
+              for state in ("done", "in_pushes", "leased", "pending")}
+    assert states == {"done": 2, "in_pushes": 0, "leased": 2, "pending": 6}
+    assert value(samples, "paramhub_epochs_completed") == 0
+    assert value(samples, "paramhub_pushes_dropped_total", reason="not_leased") is None

@@ -9,10 +9,11 @@ checks that each implements every member with the same parameters.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from paramhub.common.leases import Span
 from paramhub.common.pb import paramhub_pb2 as pb
 
 
@@ -26,14 +27,15 @@ class ParameterClient(Protocol):
     def join(self, name: str = "", shard: int = -1, observer: bool = False,
              incarnation: int | None = None) -> object: ...
 
-    def pull(self, regions: list[torch.Tensor], min_version: int = 0) -> pb.PullHeader: ...
+    def pull(self, regions: list[torch.Tensor], min_version: int = 0, leases: dict | None = None) -> pb.PullHeader: ...
 
     def pull_frozen(self, regions: list[torch.Tensor]) -> pb.PullHeader: ...
 
     def wait_and_pull(self, regions: list[torch.Tensor], min_version: int) -> pb.PullHeader: ...
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse: ...
+             dry_run: bool = False, keeps_base: bool = False, trained: Sequence[Span] = (),
+             announce: Callable[[pb.PushHeader], None] | None = None) -> pb.PushResponse: ...
 
     def heartbeat(self) -> object: ...
 

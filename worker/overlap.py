@@ -26,10 +26,12 @@ sync): no overlap there.
 from __future__ import annotations
 
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Callable, Sequence
 
 import torch
 
 from paramhub.common.layout import Layout
+from paramhub.common.leases import Span
 from paramhub.common.pb import paramhub_pb2 as pb
 
 
@@ -86,9 +88,9 @@ class OverlappedClient:
         """The inner client's JoinInfo."""
         return self.inner.info
 
-    def pull(self, regions: list[torch.Tensor], min_version: int = 0) -> pb.PullHeader:
+    def pull(self, regions: list[torch.Tensor], min_version: int = 0, leases: dict | None = None) -> pb.PullHeader:
         """A plain pull, outside the overlap (nothing prefetched is used or dropped)."""
-        return self.inner.pull(regions, min_version)
+        return self.inner.pull(regions, min_version, leases)
 
     def pull_frozen(self, regions: list[torch.Tensor]) -> pb.PullHeader:
         return self.inner.pull_frozen(regions)
@@ -154,12 +156,16 @@ class OverlappedClient:
         return reply.outcome == pb.PUSH_OUTCOME_ACCEPTED and reply.base_kept
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, keeps_base: bool = False, trained: Sequence[Span] = (),
+             announce: Callable[[pb.PushHeader], None] | None = None) -> pb.PushResponse:
         """Starts this push in the background; returns the previous one's reply (or a provisional one).
 
         ``keeps_base`` is decided here: it is asked when no prefetched weights wait
         to be handed over, so the next step would compute on these weights again.
+        Not under data leases (``overlap_refusal``): the next pull's leases depend on this push's answer.
         """
+        if trained:
+            raise ValueError("overlapped pushes carry no data leases (overlap_refusal says why)")
         if self._in_flight is not None:
             self._collect()
         previous, self._unreported = self._unreported, None

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
 from paramhub.common.layout import Layout
+from paramhub.common.leases import Span
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import JoinInfo, PSClient, RunFailed
 
@@ -135,12 +136,15 @@ class PartitionedClient:
         self.info = dataclasses.replace(infos[0], layout=combined, version=min(self._next))
         return self.info
 
-    def pull(self, regions: list[torch.Tensor], min_version: int = 0) -> pb.PullHeader:
+    def pull(self, regions: list[torch.Tensor], min_version: int = 0, leases: dict | None = None) -> pb.PullHeader:
         """Pulls every partition into its share of ``regions``, each at ``min_version`` or newer.
 
         The header's version is the lowest of the partitions' (so at least
         ``min_version`` unless a partition's wait ended first, as with one server).
+        Data leases need one server (a partitioned one refuses ``--data-leases``).
         """
+        if leases:
+            raise RunFailed("data leases come from an unpartitioned server")
         shares = self._slicer.split(regions)
         return self._combine_headers(self._each(lambda i, c: c.pull(shares[i], min_version)))
 
@@ -159,12 +163,15 @@ class PartitionedClient:
         return self.clients[0].pull_frozen(regions)
 
     def push(self, kind: int, base_version: int, regions: list[torch.Tensor], num_samples: int, loss: float,
-             dry_run: bool = False, keeps_base: bool = False) -> pb.PushResponse:
+             dry_run: bool = False, keeps_base: bool = False, trained: Sequence[Span] = (),
+             announce: Callable[[pb.PushHeader], None] | None = None) -> pb.PushResponse:
         """Pushes each partition its slices, based on the version it last sent us.
 
         Each partition's client encodes its slices in the run's codec (a top-k
         codec picks its elements per partition region, with its own residual).
         """
+        if trained:
+            raise RunFailed("data leases come from an unpartitioned server")
         shares = self._slicer.split(regions)
         replies = self._each(lambda i, c: c.push(
             kind, self._pulled[i], shares[i], num_samples, loss, dry_run, keeps_base=keeps_base))
