@@ -1,8 +1,8 @@
 """Workers come and go during a run, as real processes with SIGKILLs: every sample of every epoch trained once.
 
 One sync and one async run of ps-server --data-leases with ps-worker processes:
-2 workers, then 4, then 1 (three SIGKILLed mid-run), then 3 (two new names and
-one killed worker started again). The check does not trust the lease table:
+2 workers, then 4, then 1 (one stopped with SIGTERM, as a Job scaled down does,
+two SIGKILLed mid-run), then 3 (two new names and one killed worker started again). The check does not trust the lease table:
 every worker writes the samples of each push it sends (--sample-log, flushed
 before the push leaves), the final checkpoint's ledger says which pushes were
 applied, and the test counts each (epoch, sample) over the applied pushes
@@ -85,6 +85,11 @@ class Churn:
         self.procs[name].wait(timeout=10)
         self.killed.add(name)
 
+    def terminate(self, name: str) -> int:
+        """SIGTERM, as a Job scaled down sends: the worker leaves after its step (exit 143)."""
+        self.procs[name].terminate()
+        return self.procs[name].wait(timeout=60)
+
     def version(self) -> int:
         return self.status.status().version
 
@@ -119,7 +124,10 @@ def test_workers_2_4_1_3_with_sigkills_train_every_sample_once(tmp_path, mode):
             churn.start("w2"), churn.start("w3")  # 4
             churn.wait_applied(["w0", "w1", "w2", "w3"], "all four training")
             before_kills = churn.version()
-            churn.kill("w1"), churn.kill("w2"), churn.kill("w3")  # 1, mid-push or mid-step
+            departures = status.status().departures
+            assert churn.terminate("w3") == 143  # scaled down: it leaves, counted at once, not at lease expiry
+            assert status.status().departures == departures + 1
+            churn.kill("w1"), churn.kill("w2")  # 1, SIGKILLed mid-push or mid-step
             churn.wait_version(before_kills + 4, "w0 going on alone")
             churn.start("w4"), churn.start("w5"), churn.start("w1")  # 3: two new names, one restarted
             churn.wait_applied(["w0", "w4", "w5", "w1"], "three joiners training beside w0")
@@ -128,8 +136,8 @@ def test_workers_2_4_1_3_with_sigkills_train_every_sample_once(tmp_path, mode):
         codes = cluster.wait(timeout=200)
         workdir = cluster.workdir
     for name, code in codes.items():
-        assert code in (0, -9), f"{name} exited with {code}"
-    assert sum(1 for code in codes.values() if code == -9) == 3  # the three killed, no other death
+        assert code in (0, -9, 143), f"{name} exited with {code}"
+    assert sorted(code for code in codes.values() if code) == [-9, -9, 143]  # the three stopped, no other death
     assert summary.max_workers == 4 and summary.joins >= 7
 
     path = checkpoint.list_checkpoints(tmp_path / "ckpt")[-1]

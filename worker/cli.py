@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -156,9 +158,13 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
         client = clients[0] if len(clients) == 1 else PartitionedClient(clients)
     except SecurityError as exc:
         raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+    # SIGTERM (a Job scaled down, a pod evicted, docker stop): finish the step, leave, exit 143, so the
+    # server gives this worker's leases to the others at once and a Job still counts the index as unfinished
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with client:
         try:
-            summary = Trainer(config, client).run()
+            summary = Trainer(config, client, stop).run()
         except ServerUnreachable as exc:
             log.error("[worker %d] %s", shard, exc)
             sys.exit(2)
@@ -171,6 +177,10 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
             else:
                 log.error("[worker %d] server refused a call: %s: %s", shard, exc.code().name, exc.details())
             sys.exit(1)
+    if summary.stopped:
+        log.info("[worker %d] stopped on SIGTERM after %d steps at version %d", shard, summary.steps,
+                 summary.final_version)
+        sys.exit(143)
     log.info("[worker %d] finished: %d steps, final version %d", shard, summary.steps, summary.final_version)
     sys.exit(0)
 

@@ -43,6 +43,7 @@ class TrainSummary:
     pushes_dropped: int = 0
     final_version: int = 0
     losses: list[float] = dataclasses.field(default_factory=list)
+    stopped: bool = False  # asked to stop (SIGTERM) before the run was done: it left after its last step
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -278,11 +279,14 @@ class Trainer:
     Args:
         config: the worker's settings.
         client: a connected, not yet joined ParameterClient (PSClient, or PartitionedClient over partitions).
+        stop: once set (ps-worker sets it on SIGTERM), the worker finishes its step, leaves and returns: the
+            server stops counting it at once and gives its data leases to the others.
     """
 
-    def __init__(self, config: WorkerConfig, client: ParameterClient):
+    def __init__(self, config: WorkerConfig, client: ParameterClient, stop: threading.Event | None = None):
         self.config = config
         self.client = client
+        self.stop = stop or threading.Event()
 
     def run(self) -> TrainSummary:
         """Trains until the server says the run is done; returns a summary."""
@@ -295,6 +299,10 @@ class Trainer:
         with Heartbeat(client, info.run.heartbeat_interval_s or cfg.timeouts.heartbeat), \
                 Progress(session.prefix) as progress:
             while True:
+                if self.stop.is_set():
+                    log.info("%s asked to stop: leaving at version %d", session.prefix, version)
+                    summary.stopped = True
+                    break
                 try:
                     step = self._step(client, session, version)
                 except ServerRestarted as exc:
