@@ -238,3 +238,16 @@ def test_metrics_count_joins_departures_and_the_epochs_samples(start_server, con
     assert states == {"done": 2, "in_pushes": 0, "leased": 2, "pending": 6}
     assert value(samples, "paramhub_epochs_completed") == 0
     assert value(samples, "paramhub_pushes_dropped_total", reason="not_leased") is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"workers": 3, "max_workers": 2}, "--max-workers"),
+    ({"data_leases": True, "partition": (0, 2)}, "--partition"),
+    ({"epochs": 3}, "--epochs"),
+    ({"data_leases": True, "lease_size": 0}, "--lease-size"),
+])
+def test_settings_that_contradict_each_other_are_refused(fields, message):
+    from paramhub.common.config import ServerConfig
+
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**fields)
