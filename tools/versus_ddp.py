@@ -52,6 +52,10 @@ MODES = {
                             lambda n, h: 1.0),
     "diloco-topk2bit": (["--mode", "sync", "--update", "avg", "--outer-optimizer", "nesterov",
                          "--codec", "topk2bit:ratio=0.01"], lambda n, h: 1.0 / h),
+    # data by lease (ps/leases.py): every worker draws from the whole set, each sample once per epoch
+    "sync-grad-leases": (["--mode", "sync", "--update", "grad", "--data-leases"], lambda n, h: 1.0),
+    "async-grad-leases": (["--mode", "async", "--update", "grad", "--staleness", "2", "--data-leases"],
+                          lambda n, h: float(n)),
     # no staleness bound: a fast worker never waits for a slow one (the straggler scenario)
     "async-grad-unbounded": (["--mode", "async", "--update", "grad"], lambda n, h: float(n)),
     "async-diloco-unbounded": (["--mode", "async", "--update", "avg", "--outer-optimizer", "nesterov"],
