@@ -403,13 +403,17 @@ class SyncRounds(ConsistencyEngine):
     whatever arrived, so a round never waits forever. Workers whose lease expired
     are not waited for.
 
-    ``quorum="all"`` (the default): a round closes when N − b pushes arrived (less
-    the lost workers). Pushes for a closed round are dropped and counted; the
-    worker is told to pull (backup workers).
+    Who a round waits for follows the membership (``expected``): the live workers
+    that pulled or pushed since they joined, and never fewer than N less the lost
+    ones, so the first rounds wait for the N the run starts with.
+
+    ``quorum="all"`` (the default): a round closes when that many less b pushes
+    arrived. Pushes for a closed round are dropped and counted; the worker is
+    told to pull (backup workers).
 
     ``quorum="auto"`` or an integer Q (adaptive): a round closes when (a) every
-    live expected worker pushed, or (b) at least the quorum pushed (``auto``: N − b
-    if backup workers are given, else a strict majority, N // 2 + 1; or Q) and the
+    expected worker pushed, or (b) at least the quorum pushed (``auto``: expected − b
+    if backup workers are given, else a strict majority of them; or Q) and the
     grace window has passed since the round's first push. The window is
     median + k·MAD of recent rounds' arrival offsets (``GraceWindow``); before
     any round was measured it is unknown and a round waits for everyone (a).
@@ -427,7 +431,7 @@ class SyncRounds(ConsistencyEngine):
     worker that already gave one is dropped (``closed_round``).
 
     Args:
-        num_workers: N, the workers the run expects.
+        num_workers: N, the workers the run starts with (``--workers``).
         backup_workers: b, how many of the slowest pushes a round does not wait for.
         round_timeout: seconds after a round's first push before it closes anyway.
         quorum: ``"all"``, ``"auto"`` or a number of pushes Q (1 ≤ Q ≤ N).

@@ -234,14 +234,15 @@ class WorkerRegistry:
         """
         with self._lock:
             record = self._session(worker_id, incarnation)
-            departed = not record.left and record.alive
+            departed = not record.left and record.alive and not record.observer
             if not record.left:
                 record.left = True
                 self._depart(record)
+            if departed:
+                self.departures += 1
             copy = dataclasses.replace(record)
             self._forget_departed()
-        if departed and not copy.observer:
-            self.departures += 1
+        if departed:
             self.on_departure(worker_id)
         return copy
 
