@@ -3,12 +3,12 @@
 One sync and one async run of ps-server --data-leases with ps-worker processes:
 2 workers, then 4, then 1 (one stopped with SIGTERM, as a Job scaled down does,
 two SIGKILLed mid-run), then 3 (two new names and one killed worker started
-again). The check does not trust the lease table: every worker writes the samples of each push it sends (--sample-log, flushed
-before the push leaves), the final checkpoint's ledger says which pushes were
-applied, and the test counts each (epoch, sample) over the applied pushes
-itself. Each epoch must hold every sample exactly once; a joiner's first push
-must be applied within 2 versions of the weights it pulled; the ledger must
-hold every version once.
+again). The check does not trust the lease table: every worker writes the
+samples of each push it sends (--sample-log, flushed before the push leaves),
+the final checkpoint's ledger says which pushes were applied, and the test
+counts each (epoch, sample) over the applied pushes itself. Each epoch must
+hold every sample exactly once; a joiner's first push must be applied within
+2 rounds of the weights it pulled; the ledger must hold every version once.
 """
 
 from __future__ import annotations
