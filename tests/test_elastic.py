@@ -251,3 +251,42 @@ def test_settings_that_contradict_each_other_are_refused(fields, message):
 
     with pytest.raises(ValueError, match=message):
         ServerConfig(**fields)
+
+
+def test_the_status_page_shows_membership_and_leases(start_server, connect, tmp_path):
+    import re
+    import subprocess
+
+    from test_status_page import CHROMIUM, CHROMIUM_FLAGS, api_status
+
+    server = start_server(workers=1, max_workers=3, mode="async", data_leases=True, lease_size=4, http_port=0)
+    a = connect(server.port)
+    a.join("a")
+    push(a, 0, spans(pull(a, ask(samples=10, wanted=4)), 3))
+    page = api_status(server.http_port)
+    assert page["membership"] == {"min_workers": 1, "max_workers": 3, "round_members": 1, "joins": 1,
+                                  "departures": 0}
+    assert page["leases"] == {"epochs": [{"epoch": 0, "done": 3, "in_pushes": 0, "leased": 1, "pending": 6}],
+                              "completed": 0, "reassigned": 0}
+    if CHROMIUM is None:
+        pytest.skip("the JSON is checked; drawing it needs Debian's chromium (.ci/run installs it)")
+    browser = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(browser + ["--dump-dom", f"http://127.0.0.1:{server.http_port}/"], capture_output=True,
+                         text=True, timeout=90).stdout
+    table = re.search(r'<table id="leases">.*?</table>', dom, re.S).group(0)
+    assert re.findall(r"<td>(\d+)</td>", table) == ["0", "3", "0", "1", "6"]
+    assert "at most 3 at once; 1 joins, 0 departures" in dom
+
+
+def test_ps_ctl_status_prints_membership_and_leases(start_server, connect):
+    from paramhub.ps.status import from_response
+    from paramhub.tools.ctl import status_table
+
+    server = start_server(workers=2, mode="sync", data_leases=True, lease_size=4)
+    a = connect(server.port)
+    a.join("a")
+    pull(a, ask(samples=10, wanted=4))
+    text = status_table(from_response(a.status()))
+    assert "membership: a round waits for 2; at least 2 to start, at most any number of at once; 1 joins" in text
+    assert "data leases: 0 epoch(s) complete, 0 leased samples given back by departures" in text
+    assert text.splitlines()[-1].split() == ["0", "0", "0", "4", "6"]
