@@ -119,8 +119,8 @@ class ConsistencyEngine:
         concurrent_pushes: pushes received at once (each holds up to the model's wire size).
         clock: injectable monotonic clock.
         leases: the data lease table (``--data-leases``); None: workers train on their own shards.
-        min_workers: N, the trainers the run starts with (``--workers``): until N have pulled, those
-            that joined and those still to come are waited for; after that the live ones (``members``).
+        min_workers: N, the trainers the run starts with (``--workers``): a round waits for the members,
+            and never for fewer than N less the lost ones (``expected``).
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
@@ -246,7 +246,10 @@ class ConsistencyEngine:
     def members(self) -> set[int]:
         """The trainers that count now: live, pulled or pushed since they joined, with data to train on."""
         members = self.registry.members()
-        return members - self.leases.idle if self.leases is not None else members
+        if self.leases is None:
+            return members
+        with self.store.lock:  # reentrant: engines call this holding it, Status does not
+            return members - self.leases.idle
 
     def expected(self) -> int:
         """The pushes a sync round waits for at most: the members, and never fewer than ``min_workers`` less
@@ -255,9 +258,10 @@ class ConsistencyEngine:
         A joiner counts from its first pull: one that joins mid-round does not hold that round back.
         Under data leases, a worker with nothing to train on (idle) is not waited for.
         """
-        idle = self.leases.idle if self.leases is not None else set()
-        floor = self.min_workers - self.registry.lost_trainers() - len(idle)
-        return max(1, floor, len(self.members()))
+        with self.store.lock:
+            idle = len(self.leases.idle) if self.leases is not None else 0
+            floor = self.min_workers - self.registry.lost_trainers() - idle
+            return max(1, floor, len(self.members()))
 
     def lease_summary(self) -> tuple[list, int]:
         """The open epochs' ``EpochState``s and the epochs completed, in one cut (empty without leases)."""
