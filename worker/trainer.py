@@ -348,22 +348,9 @@ class Trainer:
             "avg": lambda: LocalSGD(model, layout, info.run, model_regions, frozen_modules),
         }[info.run.update]()
         seed_augmentation(cfg.seed, cfg.shard)
-        leased, sample_log = None, None
-        if info.run.data_leases:
-            data, fingerprint = leased_dataset(cfg.data, num_classes=info.model.num_classes,
-                                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
-                                               synthetic_size=cfg.synthetic_size)
-            steps = info.run.local_steps if info.run.update == "avg" else 1
-            leased = LeasedBatches(data, fingerprint, info.run.lease_seed, cfg.batch_size, steps)
-            sample_log = SampleLog(cfg.sample_log, leased) if cfg.sample_log else None
-            batches, what = None, "samples in the dataset, leased by the server"
-        else:
-            data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
-                                  image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
-                                  synthetic_size=cfg.synthetic_size)
-            loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
-                                  pin_memory=on_cuda)
-            batches, what = endless(loader, cfg.epochs), "samples in shard"
+        data, batches, leased = self._open_data(info, num_shards, on_cuda)
+        sample_log = SampleLog(cfg.sample_log, leased) if cfg.sample_log and leased is not None else None
+        what = "samples in the dataset, leased by the server" if leased is not None else "samples in shard"
         prefix = f"[worker {cfg.shard}/{num_shards}]" if leased is None else f"[worker {info.name}]"
         log.info("%s joined as id %d at version %d: %s, %d classes, %d %s, %s/%s, device %s", prefix,
                  info.worker_id, info.version, info.model.arch, info.model.num_classes, len(data), what, info.run.mode,
@@ -372,6 +359,25 @@ class Trainer:
                         wire_regions=wire_regions, model_regions=model_regions, update=update,
                         push_regions=[update.get(r, wire_regions[r]) for r in range(len(layout.regions))],
                         leased=leased, sample_log=sample_log)
+
+    def _open_data(self, info, num_shards: int, on_cuda: bool) -> tuple:
+        """(dataset, batches, None) of this worker's shard, or (dataset, None, LeasedBatches) under data leases."""
+        cfg = self.config
+        if info.run.data_leases:
+            if cfg.epochs is not None:
+                log.warning("[worker %s] --epochs has no effect under data leases: the server counts the epochs "
+                            "(ps-server --epochs)", info.name)
+            data, fingerprint = leased_dataset(cfg.data, num_classes=info.model.num_classes,
+                                               image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
+                                               synthetic_size=cfg.synthetic_size)
+            steps = info.run.local_steps if info.run.update == "avg" else 1
+            return data, None, LeasedBatches(data, fingerprint, info.run.lease_seed, cfg.batch_size, steps)
+        data = training_shard(cfg.data, cfg.shard, num_shards, num_classes=info.model.num_classes,
+                              image_size=cfg.image_size, augment=cfg.augment, seed=cfg.seed,
+                              synthetic_size=cfg.synthetic_size)
+        loader = shard_loader(data, cfg.batch_size, cfg.shard, cfg.seed, num_workers=cfg.loader_workers,
+                              pin_memory=on_cuda)
+        return data, endless(loader, cfg.epochs), None
 
     def _transfers(self, info, session: _Session) -> ParameterClient:
         """The client the loop talks to: ours, or it wrapped to overlap transfers with the steps."""
