@@ -330,7 +330,8 @@ def summarise(runs: list[Run], target: float | None) -> list[dict]:
 
 def format_table(lines: list[dict], skipped: dict[str, str]) -> str:
     """The summary as a text table (to target: against DDP's in the same scenario), then the skipped scenarios."""
-    head = (f"{'scenario':<10} {'run':<13} {'top1 final':>10} {'best':>6} {'samples/s':>9} {'wall s':>7} "
+    width = max([13] + [len(line["run"]) for line in lines])  # the run names, aligned
+    head = (f"{'scenario':<10} {'run':<{width}} {'top1 final':>10} {'best':>6} {'samples/s':>9} {'wall s':>7} "
             f"{'to target s':>11} {'vs DDP':>7}  per seed")
     out = [head]
     for line in lines:
@@ -338,7 +339,7 @@ def format_table(lines: list[dict], skipped: dict[str, str]) -> str:
         ratio = (f"{line['to_target_s'] / ddp['to_target_s']:.2f}x"
                  if ddp and line["to_target_s"] and ddp["to_target_s"] else "-")
         target = f"{line['to_target_s']:.1f}" if line["to_target_s"] is not None else f"({line['reached_target']})"
-        out.append(f"{line['scenario']:<10} {line['run']:<13} {line['final_top1']:>10.3f} {line['best_top1']:>6.3f} "
+        out.append(f"{line['scenario']:<10} {line['run']:<{width}} {line['final_top1']:>10.3f} {line['best_top1']:>6.3f} "
                    f"{line['samples_per_s']:>9.1f} {line['wall_s']:>7.1f} {target:>11} {ratio:>7}  "
                    + " ".join(f"{t:.3f}" for t in line["final_top1_per_seed"]))
     for scenario, why in skipped.items():
