@@ -139,6 +139,12 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED), and departed records remembered (older departures are only counted)
     max_live_workers: int = 1024
     keep_departed: int = 128
+    # replication (ps/replication.py): follow this primary as its standby (None: start as a primary)
+    standby_for: str | None = None
+    # a standby takes over when the primary's stream is broken and it is unreachable this long
+    failover_after: float = 3.0
+    # a primary detaches a standby that acks nothing this long, and goes on unprotected
+    replication_timeout: float = 5.0
 
     @property
     def stream_limit(self) -> int:
@@ -221,6 +227,10 @@ class ServerConfig:
             raise ValueError(f"clip_factor must be a finite number > 0, got {self.clip_factor}")
         if self.batch_share and self.mode != "async":
             raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
+        if not 0 < self.failover_after <= 60:
+            raise ValueError(f"--failover-after must be from 0 to 60 seconds, got {self.failover_after}")
+        if not 0 < self.replication_timeout <= 300:
+            raise ValueError(f"--replication-timeout must be from 0 to 300 seconds, got {self.replication_timeout}")
         check_listen_address(self.host, self.security, self.insecure)
 
 
@@ -229,6 +239,9 @@ class WorkerConfig:
     """Everything ``ps-worker`` needs."""
 
     server: str = "127.0.0.1:50051"
+    # the standby's address (for a partitioned server: one per partition, comma-separated like ``server``);
+    # the worker moves there when the server is gone or was replaced
+    failover: str = ""
     shard: int = 0
     num_shards: int | None = None
     data: str = "synthetic"

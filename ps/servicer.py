@@ -80,6 +80,9 @@ class ParameterServerServicer:
         stall_s: a stream that makes no progress this long is cancelled (``StallGuard``).
         screen: what a push's values may be and how it counts (default: bounded values, no clipping).
         metrics: where events go (the server's ServerMetrics); default nowhere.
+        role: primary or standby, and the term (ps/replication.py); default a primary of term 1.
+        durability: the gate on what workers may see (``Replicator``); default: everything at once.
+        durable_wait_s: the longest a pull or reply waits for its version to be replicated.
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
@@ -87,7 +90,13 @@ class ParameterServerServicer:
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32,
                  screen: UpdateScreen | None = None, limits: StreamLimits | None = None,
-                 metrics: MetricsHook | None = None):
+                 metrics: MetricsHook | None = None, role=None, durability=None, durable_wait_s: float = 30.0):
+        from paramhub.ps.replication import NoReplication, Role
+
+        self.role = role or Role(None)
+        self.durability = durability or NoReplication()
+        self.durable_wait_s = durable_wait_s
+        self.follower = None  # a standby's Follower (for Status), set by the builder
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -123,6 +132,7 @@ class ParameterServerServicer:
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         if not self.accepting:
             raise Unavailable("server is shutting down")
+        self.role.check_serving()
         check_join(request.worker_name, request.shard)
         record = self.registry.join(request.worker_name, request.incarnation, request.observer, request.shard)
         log.info("%s %s joined (id %d, incarnation %d, shard %d)", "observer" if record.observer else "worker",
@@ -130,17 +140,20 @@ class ParameterServerServicer:
         return pb.JoinResponse(
             worker_id=record.worker_id, model=self.model_spec, layout=self._layout_proto,
             version=self.store.version, run=self.run_spec, server_epoch=self.epoch,
-            max_chunk_bytes=self.chunk_bytes, frozen_layout=self._frozen_proto,
+            max_chunk_bytes=self.chunk_bytes, frozen_layout=self._frozen_proto, term=self.role.term,
         )
 
     @_abort_on_error
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        self.role.check_serving()
         self.registry.get(request.worker_id, request.incarnation)
         snap = self.store.snapshot()
-        return pb.HeartbeatResponse(version=snap.version, done=snap.done, server_epoch=self.epoch)
+        return pb.HeartbeatResponse(version=snap.version, done=snap.done, server_epoch=self.epoch,
+                                    term=self.role.term)
 
     @_abort_on_error
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        self.role.check_serving()
         record = self.registry.leave(request.worker_id, request.incarnation)
         log.info("worker %s (id %d) left", printable(record.name), record.worker_id)
         return pb.LeaveResponse()
@@ -148,7 +161,8 @@ class ParameterServerServicer:
     def status(self) -> StatusView:
         """The run's status now: what Status answers and the status page shows."""
         return server_status(self.engine, self.registry, self.run_spec, epoch=self.epoch,
-                             pushes_rejected=self.pushes_rejected)
+                             pushes_rejected=self.pushes_rejected, role=self.role,
+                             durability=self.follower if self.role.standby else self.durability)
 
     @_abort_on_error
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
@@ -181,6 +195,7 @@ class ParameterServerServicer:
         yield from guarded_sends(self._pull(request, context), guard)
 
     def _pull(self, request: pb.PullRequest, context) -> Iterator[object]:
+        self.role.check_serving()
         if request.frozen:
             yield from self._pull_frozen()
             return
@@ -193,8 +208,12 @@ class ParameterServerServicer:
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
         with self.store.reading(request.min_version, wait) as snap:  # its memory is not reused while we stream
+            # workers learn of a version only once the standby has it (a failover then loses nothing they saw)
+            if not self.durability.wait_durable(snap.version, self.durable_wait_s):
+                raise Unavailable(f"version {snap.version} is not replicated yet; retry")
             yield pb.PullMessage(header=pb.PullHeader(
-                version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch))
+                version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch,
+                term=self.role.term))
             if snap.version < request.min_version:
                 return  # header only: not there yet, ask again
             self.engine.on_pull(request.worker_id, snap.version)
@@ -207,7 +226,8 @@ class ParameterServerServicer:
         layout, regions = self._frozen
         snap = self.store.snapshot()
         yield pb.PullMessage(header=pb.PullHeader(
-            version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch))
+            version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch,
+            term=self.role.term))
         yield from codec.encoded_chunks(layout, regions, None, self.chunk_bytes)
         self.metrics.bytes_sent(layout.nbytes)
 
@@ -235,6 +255,7 @@ class ParameterServerServicer:
             raise InvalidArgument("a push must start with a PushHeader")
         if not self.accepting:
             raise Unavailable("server is shutting down; retry against the restarted server")
+        self.role.check_serving()
         record = self.registry.get(header.worker_id, header.incarnation)
         if record.observer:
             raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
@@ -320,8 +341,13 @@ class ParameterServerServicer:
             raise InvalidArgument(printable(str(exc))) from None
 
     def _response(self, result) -> pb.PushResponse:
+        # an applied push is answered once the standby has its version (async; sync rounds are seen by pulls)
+        if result.outcome == pb.PUSH_OUTCOME_ACCEPTED and not self.durability.wait_durable(result.version,
+                                                                                            self.durable_wait_s):
+            raise Unavailable(f"version {result.version} is not replicated yet; retry the push")
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
-                               done=result.done, server_epoch=self.epoch, base_kept=result.base_kept)
+                               done=result.done, server_epoch=self.epoch, base_kept=result.base_kept,
+                               term=self.role.term)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

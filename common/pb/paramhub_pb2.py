@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!paramhub/common/pb/paramhub.proto\x12\x0bparamhub.v1\"\x93\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06region\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12%\n\x04role\x18\x06 \x01(\x0e\x32\x17.paramhub.v1.TensorRole\"s\n\nRegionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.DType\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.paramhub.v1.TensorRole\x12\r\n\x05numel\x18\x04 \x01(\x04\"j\n\x06Layout\x12(\n\x07regions\x18\x01 \x03(\x0b\x32\x17.paramhub.v1.RegionSpec\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.paramhub.v1.TensorSpec\x12\x0c\n\x04hash\x18\x03 \x01(\t\".\n\tModelSpec\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\r\"\xc1\x02\n\x07RunSpec\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x10\n\x08local_lr\x18\x06 \x01(\x01\x12\x16\n\x0elocal_momentum\x18\x07 \x01(\x01\x12\x17\n\x0fstaleness_bound\x18\x08 \x01(\x03\x12\x17\n\x0fmax_push_wait_s\x18\t \x01(\x01\x12&\n\nwire_dtype\x18\n \x01(\x0e\x32\x12.paramhub.v1.DType\x12\x11\n\tpartition\x18\x0b \x01(\r\x12\x16\n\x0enum_partitions\x18\x0c \x01(\r\x12\x12\n\ntopk_ratio\x18\r \x01(\x01\x12\r\n\x05\x63odec\x18\x0e \x01(\t\"X\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08observer\x18\x03 \x01(\x08\x12\r\n\x05shard\x18\x04 \x01(\x05\"\xfc\x01\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.paramhub.v1.ModelSpec\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.paramhub.v1.Layout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12!\n\x03run\x18\x05 \x01(\x0b\x32\x14.paramhub.v1.RunSpec\x12\x14\n\x0cserver_epoch\x18\x06 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\x04\x12*\n\rfrozen_layout\x18\x08 \x01(\x0b\x32\x13.paramhub.v1.Layout\"Z\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x04 \x01(\x08\"V\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x04 \x01(\t\"L\n\x0bTensorChunk\x12\x0e\n\x06region\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\"j\n\x0bPullMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramhub.v1.PullHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.paramhub.v1.TensorChunkH\x00\x42\x05\n\x03msg\"\x94\x02\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12#\n\x04kind\x18\x05 \x01(\x0e\x32\x15.paramhub.v1.PushKind\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x0e\n\x06sparse\x18\n \x01(\x08\x12\x12\n\nkeeps_base\x18\x0b \x01(\x08\x12\x15\n\rsparse_values\x18\x0c \x01(\x04\x12\r\n\x05\x63odec\x18\r \x01(\t\"j\n\x0bPushMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramhub.v1.PushHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.paramhub.v1.TensorChunkH\x00\x42\x05\n\x03msg\"\x97\x01\n\x0cPushResponse\x12)\n\x07outcome\x18\x01 \x01(\x0e\x32\x18.paramhub.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0cnext_version\x18\x03 \x01(\x04\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x05 \x01(\t\x12\x11\n\tbase_kept\x18\x06 \x01(\x08\":\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"H\n\x11HeartbeatResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x03 \x01(\t\"6\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\x0f\n\rStatusRequest\"\xfc\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x17\n\x0fpushes_accepted\x18\x04 \x01(\x04\x12\x16\n\x0epushes_dropped\x18\x05 \x01(\x04\x12\x19\n\x11last_base_version\x18\x06 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x07 \x01(\x01\x12\r\n\x05\x61live\x18\x08 \x01(\x08\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x17\n\x0fupdates_applied\x18\n \x01(\x04\x12\x0c\n\x04left\x18\x0b \x01(\x08\"2\n\x0eStalenessCount\x12\x11\n\tstaleness\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x9f\x03\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06update\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12*\n\x07workers\x18\x05 \x03(\x0b\x32\x19.paramhub.v1.WorkerStatus\x12\x14\n\x0cround_pushes\x18\x06 \x01(\r\x12\x17\n\x0fpushes_rejected\x18\x07 \x01(\x04\x12\x14\n\x0cserver_epoch\x18\x08 \x01(\t\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x38\n\x13staleness_histogram\x18\n \x03(\x0b\x32\x1b.paramhub.v1.StalenessCount\x12\x15\n\rmax_staleness\x18\x0b \x01(\x04\x12\x17\n\x0fstaleness_bound\x18\x0c \x01(\x03\x12\x16\n\x0epushes_applied\x18\r \x01(\x04\x12\x14\n\x0clive_workers\x18\x0e \x01(\r\x12\x18\n\x10\x64\x65parted_workers\x18\x0f \x01(\x04\x12\x1a\n\x12workers_not_listed\x18\x10 \x01(\x04*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*X\n\nTensorRole\x12\x1b\n\x17TENSOR_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_ROLE_PARAM\x10\x01\x12\x16\n\x12TENSOR_ROLE_BUFFER\x10\x02*R\n\x08PushKind\x12\x19\n\x15PUSH_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PUSH_KIND_GRADIENT\x10\x01\x12\x13\n\x0fPUSH_KIND_DELTA\x10\x02*|\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15PUSH_OUTCOME_ACCEPTED\x10\x01\x12\x18\n\x14PUSH_OUTCOME_DROPPED\x10\x02\x12\x1a\n\x16PUSH_OUTCOME_VALIDATED\x10\x03\x32\x9a\x03\n\x0fParameterServer\x12;\n\x04Join\x12\x18.paramhub.v1.JoinRequest\x1a\x19.paramhub.v1.JoinResponse\x12<\n\x04Pull\x12\x18.paramhub.v1.PullRequest\x1a\x18.paramhub.v1.PullMessage0\x01\x12=\n\x04Push\x12\x18.paramhub.v1.PushMessage\x1a\x19.paramhub.v1.PushResponse(\x01\x12J\n\tHeartbeat\x12\x1d.paramhub.v1.HeartbeatRequest\x1a\x1e.paramhub.v1.HeartbeatResponse\x12>\n\x05Leave\x12\x19.paramhub.v1.LeaveRequest\x1a\x1a.paramhub.v1.LeaveResponse\x12\x41\n\x06Status\x12\x1a.paramhub.v1.StatusRequest\x1a\x1b.paramhub.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!paramhub/common/pb/paramhub.proto\x12\x0bparamhub.v1\"\x93\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06region\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12%\n\x04role\x18\x06 \x01(\x0e\x32\x17.paramhub.v1.TensorRole\"s\n\nRegionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.paramhub.v1.DType\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.paramhub.v1.TensorRole\x12\r\n\x05numel\x18\x04 \x01(\x04\"j\n\x06Layout\x12(\n\x07regions\x18\x01 \x03(\x0b\x32\x17.paramhub.v1.RegionSpec\x12(\n\x07tensors\x18\x02 \x03(\x0b\x32\x17.paramhub.v1.TensorSpec\x12\x0c\n\x04hash\x18\x03 \x01(\t\".\n\tModelSpec\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x13\n\x0bnum_classes\x18\x02 \x01(\r\"\xc1\x02\n\x07RunSpec\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06update\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\x13\n\x0blocal_steps\x18\x04 \x01(\r\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x10\n\x08local_lr\x18\x06 \x01(\x01\x12\x16\n\x0elocal_momentum\x18\x07 \x01(\x01\x12\x17\n\x0fstaleness_bound\x18\x08 \x01(\x03\x12\x17\n\x0fmax_push_wait_s\x18\t \x01(\x01\x12&\n\nwire_dtype\x18\n \x01(\x0e\x32\x12.paramhub.v1.DType\x12\x11\n\tpartition\x18\x0b \x01(\r\x12\x16\n\x0enum_partitions\x18\x0c \x01(\r\x12\x12\n\ntopk_ratio\x18\r \x01(\x01\x12\r\n\x05\x63odec\x18\x0e \x01(\t\"X\n\x0bJoinRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08observer\x18\x03 \x01(\x08\x12\r\n\x05shard\x18\x04 \x01(\x05\"\x8a\x02\n\x0cJoinResponse\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.paramhub.v1.ModelSpec\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.paramhub.v1.Layout\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12!\n\x03run\x18\x05 \x01(\x0b\x32\x14.paramhub.v1.RunSpec\x12\x14\n\x0cserver_epoch\x18\x06 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x07 \x01(\x04\x12*\n\rfrozen_layout\x18\x08 \x01(\x0b\x32\x13.paramhub.v1.Layout\x12\x0c\n\x04term\x18\n \x01(\x04\"Z\n\x0bPullRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bmin_version\x18\x02 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\x0e\n\x06\x66rozen\x18\x04 \x01(\x08\"d\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x04 \x01(\t\x12\x0c\n\x04term\x18\n \x01(\x04\"L\n\x0bTensorChunk\x12\x0e\n\x06region\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\"j\n\x0bPullMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramhub.v1.PullHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.paramhub.v1.TensorChunkH\x00\x42\x05\n\x03msg\"\x94\x02\n\nPushHeader\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12#\n\x04kind\x18\x05 \x01(\x0e\x32\x15.paramhub.v1.PushKind\x12\x13\n\x0blayout_hash\x18\x06 \x01(\t\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x0c\n\x04loss\x18\x08 \x01(\x01\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\x12\x0e\n\x06sparse\x18\n \x01(\x08\x12\x12\n\nkeeps_base\x18\x0b \x01(\x08\x12\x15\n\rsparse_values\x18\x0c \x01(\x04\x12\r\n\x05\x63odec\x18\r \x01(\t\"j\n\x0bPushMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.paramhub.v1.PushHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.paramhub.v1.TensorChunkH\x00\x42\x05\n\x03msg\"\xa5\x01\n\x0cPushResponse\x12)\n\x07outcome\x18\x01 \x01(\x0e\x32\x18.paramhub.v1.PushOutcome\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0cnext_version\x18\x03 \x01(\x04\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x05 \x01(\t\x12\x11\n\tbase_kept\x18\x06 \x01(\x08\x12\x0c\n\x04term\x18\n \x01(\x04\":\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"V\n\x11HeartbeatResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x14\n\x0cserver_epoch\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\n \x01(\x04\"6\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"\x0f\n\rLeaveResponse\"\x0f\n\rStatusRequest\"\xfc\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x17\n\x0fpushes_accepted\x18\x04 \x01(\x04\x12\x16\n\x0epushes_dropped\x18\x05 \x01(\x04\x12\x19\n\x11last_base_version\x18\x06 \x01(\x04\x12\x1a\n\x12seconds_since_seen\x18\x07 \x01(\x01\x12\r\n\x05\x61live\x18\x08 \x01(\x08\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x17\n\x0fupdates_applied\x18\n \x01(\x04\x12\x0c\n\x04left\x18\x0b \x01(\x08\"2\n\x0eStalenessCount\x12\x11\n\tstaleness\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x92\x04\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06update\x18\x03 \x01(\t\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12*\n\x07workers\x18\x05 \x03(\x0b\x32\x19.paramhub.v1.WorkerStatus\x12\x14\n\x0cround_pushes\x18\x06 \x01(\r\x12\x17\n\x0fpushes_rejected\x18\x07 \x01(\x04\x12\x14\n\x0cserver_epoch\x18\x08 \x01(\t\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x38\n\x13staleness_histogram\x18\n \x03(\x0b\x32\x1b.paramhub.v1.StalenessCount\x12\x15\n\rmax_staleness\x18\x0b \x01(\x04\x12\x17\n\x0fstaleness_bound\x18\x0c \x01(\x03\x12\x16\n\x0epushes_applied\x18\r \x01(\x04\x12\x14\n\x0clive_workers\x18\x0e \x01(\r\x12\x18\n\x10\x64\x65parted_workers\x18\x0f \x01(\x04\x12\x1a\n\x12workers_not_listed\x18\x10 \x01(\x04\x12\x0c\n\x04role\x18\x1e \x01(\t\x12\x0c\n\x04term\x18\x1f \x01(\x04\x12\x15\n\rstandby_state\x18  \x01(\t\x12\x1a\n\x12replicated_version\x18! \x01(\x04\x12\x0f\n\x07primary\x18\" \x01(\t\x12\x11\n\tfailovers\x18# \x01(\x04\"D\n\nReplicaAck\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fstandby_address\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\"{\n\rReplicaHeader\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.paramhub.v1.ReplicaKind\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x0c\n\x04meta\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\"p\n\x0eReplicaMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.paramhub.v1.ReplicaHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.paramhub.v1.TensorChunkH\x00\x42\x05\n\x03msg\"\r\n\x0bTermRequest\";\n\x0cTermResponse\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04*X\n\nTensorRole\x12\x1b\n\x17TENSOR_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11TENSOR_ROLE_PARAM\x10\x01\x12\x16\n\x12TENSOR_ROLE_BUFFER\x10\x02*R\n\x08PushKind\x12\x19\n\x15PUSH_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PUSH_KIND_GRADIENT\x10\x01\x12\x13\n\x0fPUSH_KIND_DELTA\x10\x02*|\n\x0bPushOutcome\x12\x1c\n\x18PUSH_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15PUSH_OUTCOME_ACCEPTED\x10\x01\x12\x18\n\x14PUSH_OUTCOME_DROPPED\x10\x02\x12\x1a\n\x16PUSH_OUTCOME_VALIDATED\x10\x03*{\n\x0bReplicaKind\x12\x1c\n\x18REPLICA_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_KIND_SNAPSHOT\x10\x01\x12\x17\n\x13REPLICA_KIND_UPDATE\x10\x02\x12\x1a\n\x16REPLICA_KIND_HEARTBEAT\x10\x03\x32\x9a\x03\n\x0fParameterServer\x12;\n\x04Join\x12\x18.paramhub.v1.JoinRequest\x1a\x19.paramhub.v1.JoinResponse\x12<\n\x04Pull\x12\x18.paramhub.v1.PullRequest\x1a\x18.paramhub.v1.PullMessage0\x01\x12=\n\x04Push\x12\x18.paramhub.v1.PushMessage\x1a\x19.paramhub.v1.PushResponse(\x01\x12J\n\tHeartbeat\x12\x1d.paramhub.v1.HeartbeatRequest\x1a\x1e.paramhub.v1.HeartbeatResponse\x12>\n\x05Leave\x12\x19.paramhub.v1.LeaveRequest\x1a\x1a.paramhub.v1.LeaveResponse\x12\x41\n\x06Status\x12\x1a.paramhub.v1.StatusRequest\x1a\x1b.paramhub.v1.StatusResponse2\x8e\x01\n\x0bReplication\x12\x42\n\x06\x46ollow\x12\x17.paramhub.v1.ReplicaAck\x1a\x1b.paramhub.v1.ReplicaMessage(\x01\x30\x01\x12;\n\x04Term\x12\x18.paramhub.v1.TermRequest\x1a\x19.paramhub.v1.TermResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramhub.common.pb.paramhub_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2998
-  _globals['_DTYPE']._serialized_end=3103
-  _globals['_TENSORROLE']._serialized_start=3105
-  _globals['_TENSORROLE']._serialized_end=3193
-  _globals['_PUSHKIND']._serialized_start=3195
-  _globals['_PUSHKIND']._serialized_end=3277
-  _globals['_PUSHOUTCOME']._serialized_start=3279
-  _globals['_PUSHOUTCOME']._serialized_end=3403
+  _globals['_DTYPE']._serialized_start=3554
+  _globals['_DTYPE']._serialized_end=3659
+  _globals['_TENSORROLE']._serialized_start=3661
+  _globals['_TENSORROLE']._serialized_end=3749
+  _globals['_PUSHKIND']._serialized_start=3751
+  _globals['_PUSHKIND']._serialized_end=3833
+  _globals['_PUSHOUTCOME']._serialized_start=3835
+  _globals['_PUSHOUTCOME']._serialized_end=3959
+  _globals['_REPLICAKIND']._serialized_start=3961
+  _globals['_REPLICAKIND']._serialized_end=4084
   _globals['_TENSORSPEC']._serialized_start=51
   _globals['_TENSORSPEC']._serialized_end=198
   _globals['_REGIONSPEC']._serialized_start=200
@@ -52,37 +54,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=797
   _globals['_JOINREQUEST']._serialized_end=885
   _globals['_JOINRESPONSE']._serialized_start=888
-  _globals['_JOINRESPONSE']._serialized_end=1140
-  _globals['_PULLREQUEST']._serialized_start=1142
-  _globals['_PULLREQUEST']._serialized_end=1232
-  _globals['_PULLHEADER']._serialized_start=1234
-  _globals['_PULLHEADER']._serialized_end=1320
-  _globals['_TENSORCHUNK']._serialized_start=1322
-  _globals['_TENSORCHUNK']._serialized_end=1398
-  _globals['_PULLMESSAGE']._serialized_start=1400
-  _globals['_PULLMESSAGE']._serialized_end=1506
-  _globals['_PUSHHEADER']._serialized_start=1509
-  _globals['_PUSHHEADER']._serialized_end=1785
-  _globals['_PUSHMESSAGE']._serialized_start=1787
-  _globals['_PUSHMESSAGE']._serialized_end=1893
-  _globals['_PUSHRESPONSE']._serialized_start=1896
-  _globals['_PUSHRESPONSE']._serialized_end=2047
-  _globals['_HEARTBEATREQUEST']._serialized_start=2049
-  _globals['_HEARTBEATREQUEST']._serialized_end=2107
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2109
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2181
-  _globals['_LEAVEREQUEST']._serialized_start=2183
-  _globals['_LEAVEREQUEST']._serialized_end=2237
-  _globals['_LEAVERESPONSE']._serialized_start=2239
-  _globals['_LEAVERESPONSE']._serialized_end=2254
-  _globals['_STATUSREQUEST']._serialized_start=2256
-  _globals['_STATUSREQUEST']._serialized_end=2271
-  _globals['_WORKERSTATUS']._serialized_start=2274
-  _globals['_WORKERSTATUS']._serialized_end=2526
-  _globals['_STALENESSCOUNT']._serialized_start=2528
-  _globals['_STALENESSCOUNT']._serialized_end=2578
-  _globals['_STATUSRESPONSE']._serialized_start=2581
-  _globals['_STATUSRESPONSE']._serialized_end=2996
-  _globals['_PARAMETERSERVER']._serialized_start=3406
-  _globals['_PARAMETERSERVER']._serialized_end=3816
+  _globals['_JOINRESPONSE']._serialized_end=1154
+  _globals['_PULLREQUEST']._serialized_start=1156
+  _globals['_PULLREQUEST']._serialized_end=1246
+  _globals['_PULLHEADER']._serialized_start=1248
+  _globals['_PULLHEADER']._serialized_end=1348
+  _globals['_TENSORCHUNK']._serialized_start=1350
+  _globals['_TENSORCHUNK']._serialized_end=1426
+  _globals['_PULLMESSAGE']._serialized_start=1428
+  _globals['_PULLMESSAGE']._serialized_end=1534
+  _globals['_PUSHHEADER']._serialized_start=1537
+  _globals['_PUSHHEADER']._serialized_end=1813
+  _globals['_PUSHMESSAGE']._serialized_start=1815
+  _globals['_PUSHMESSAGE']._serialized_end=1921
+  _globals['_PUSHRESPONSE']._serialized_start=1924
+  _globals['_PUSHRESPONSE']._serialized_end=2089
+  _globals['_HEARTBEATREQUEST']._serialized_start=2091
+  _globals['_HEARTBEATREQUEST']._serialized_end=2149
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2151
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2237
+  _globals['_LEAVEREQUEST']._serialized_start=2239
+  _globals['_LEAVEREQUEST']._serialized_end=2293
+  _globals['_LEAVERESPONSE']._serialized_start=2295
+  _globals['_LEAVERESPONSE']._serialized_end=2310
+  _globals['_STATUSREQUEST']._serialized_start=2312
+  _globals['_STATUSREQUEST']._serialized_end=2327
+  _globals['_WORKERSTATUS']._serialized_start=2330
+  _globals['_WORKERSTATUS']._serialized_end=2582
+  _globals['_STALENESSCOUNT']._serialized_start=2584
+  _globals['_STALENESSCOUNT']._serialized_end=2634
+  _globals['_STATUSRESPONSE']._serialized_start=2637
+  _globals['_STATUSRESPONSE']._serialized_end=3167
+  _globals['_REPLICAACK']._serialized_start=3169
+  _globals['_REPLICAACK']._serialized_end=3237
+  _globals['_REPLICAHEADER']._serialized_start=3239
+  _globals['_REPLICAHEADER']._serialized_end=3362
+  _globals['_REPLICAMESSAGE']._serialized_start=3364
+  _globals['_REPLICAMESSAGE']._serialized_end=3476
+  _globals['_TERMREQUEST']._serialized_start=3478
+  _globals['_TERMREQUEST']._serialized_end=3491
+  _globals['_TERMRESPONSE']._serialized_start=3493
+  _globals['_TERMRESPONSE']._serialized_end=3552
+  _globals['_PARAMETERSERVER']._serialized_start=4087
+  _globals['_PARAMETERSERVER']._serialized_end=4497
+  _globals['_REPLICATION']._serialized_start=4500
+  _globals['_REPLICATION']._serialized_end=4642
 # @@protoc_insertion_point(module_scope)
