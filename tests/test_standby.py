@@ -83,7 +83,7 @@ def test_the_standby_ends_bitwise_equal_to_its_primary(start_server, connect, mo
 
 
 def test_a_standby_that_skips_or_doubles_an_update_is_detected(start_server, connect):
-    """The negative control: replaying the primary's updates on a fresh copy matches; one skipped or doubled does not."""
+    """Negative control: a fresh copy replaying the primary's updates matches; one skipped or doubled does not."""
     primary = start_server(mode="async", workers=1, optimizer="sgd", momentum=0.9, lr=0.05)
     updates = []
     replicas = {name: start_server(mode="async", workers=1, optimizer="sgd", momentum=0.9, lr=0.05)
