@@ -121,7 +121,6 @@ class PSClient:
         self.max_term = 0  # the highest term any server answered with
         self.failovers = 0  # address switches so far
         self._joined_address = ""  # where ``info`` was obtained
-        self._resync: int | None = None  # after a failover: the new server's version, to carry on from
         self.last_min_version = 0  # the min_version the last pull asked, after a failover's resync
         self._shard, self._observer = -1, False  # as the last join gave them (a failover joins with them again)
         self._sequence = 0
@@ -177,7 +176,6 @@ class PSClient:
         self.info = dataclasses.replace(info, worker_id=reply.worker_id, version=reply.version,
                                         server_epoch=reply.server_epoch, run=reply.run)
         self._joined_address = self.address
-        self._resync = reply.version
         log.warning("joined %s as id %d at version %d (term %d)", self.address, reply.worker_id, reply.version,
                     reply.term, extra={"event": "worker_rejoined", "server": self.address, "version": reply.version})
 
@@ -255,7 +253,7 @@ class PSClient:
             return reply
 
         reply = self._retrying("join", attempt)
-        self._joined_address, self._resync = self.address, None
+        self._joined_address = self.address
         self.info = JoinInfo(
             worker_id=reply.worker_id, incarnation=incarnation, model=reply.model, name=name,
             layout=Layout.from_proto(reply.layout), run=reply.run, version=reply.version,
@@ -292,19 +290,18 @@ class PSClient:
             self._pull_buffers[wire.hash] = wire.empty_regions()
         received = regions if wire is info.layout else self._pull_buffers[wire.hash]
         asked = [min_version]
+        failovers = self.failovers
 
         def attempt() -> pb.PullHeader:
-            # after a failover the new server may never reach min_version (a round it never saw): carry on
-            # from its version
-            asked[0] = min_version if self._resync is None else min(min_version, self._resync)
+            # after a failover during this pull the new server may never reach min_version (a round it
+            # never saw): carry on from its version
+            asked[0] = min_version if self.failovers == failovers else min(min_version, self.info.version)
             request = pb.PullRequest(worker_id=self.info.worker_id, min_version=asked[0],
                                      layout_hash=info.layout.hash)
             return self._pull_once(request, received, wire)
 
         header = self._retrying("pull", attempt)
         self.last_min_version = asked[0]
-        if header.version >= asked[0]:
-            self._resync = None
         if wire is not info.layout and header.version >= asked[0]:
             for dst, src in zip(regions, received):
                 dst.copy_(src)  # back to the model's dtypes
