@@ -20,6 +20,7 @@ from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import AppliedUpdate, PushResult
 from paramhub.ps.ledger import LedgerEntry
 
+ALIGN = 64  # each tensor starts at a multiple of this in the payload, so the receiver's views are aligned
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32",
                                                    "uint8", "int8", "bool")}
 decode_replica_message = codec.make_decoder(pb.ReplicaMessage)
@@ -42,7 +43,10 @@ def encode(kind: int, version: int, term: int, meta: dict, tensors: dict[str, to
         table.append({"name": name, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape),
                       "offset": offset})
         views.append(view)
-        offset += len(view)
+        padding = -len(view) % ALIGN
+        if padding:
+            views.append(memoryview(bytes(padding)))
+        offset += len(view) + padding
     yield pb.ReplicaMessage(header=pb.ReplicaHeader(kind=kind, version=version, term=term,
                                                     meta=json.dumps(dict(meta, tensors=table)),
                                                     payload_bytes=offset))
@@ -79,7 +83,7 @@ class Assembler:
         return self._filled == len(self._buffer)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The payload's tensors by name (each its own memory)."""
+        """The payload's tensors by name: views of the payload (which no one else writes), no copy."""
         out = {}
         for entry in self.meta["tensors"]:
             dtype = DTYPES[entry["dtype"]]
@@ -91,7 +95,7 @@ class Assembler:
                 out[entry["name"]] = torch.empty(shape, dtype=dtype)
                 continue
             flat = torch.frombuffer(self._buffer, dtype=dtype, count=numel, offset=entry["offset"])
-            out[entry["name"]] = flat.reshape(shape).clone()
+            out[entry["name"]] = flat.reshape(shape)
         return out
 
 
