@@ -434,6 +434,9 @@ class Follower:
                 else:
                     raise codec.MalformedMessage("replica chunk without a header")
                 if assembler.complete:
+                    if assembler.header.kind == pb.REPLICA_KIND_UPDATE:
+                        # held here, the update survives the primary: ack on receipt, apply while it goes on
+                        acks.put(pb.ReplicaAck(version=assembler.header.version, term=self.role.term))
                     self._handle(assembler)
                     assembler = None
                     acks.put(pb.ReplicaAck(version=self.store.version, term=self.role.term))

@@ -208,17 +208,30 @@ class ParameterServerServicer:
         remaining = context.time_remaining()
         wait = self.pull_wait_s if remaining is None else max(0.0, min(self.pull_wait_s, remaining - 1.0))
         with self.store.reading(request.min_version, wait) as snap:  # its memory is not reused while we stream
-            # workers learn of a version only once the standby has it (a failover then loses nothing they saw)
-            if not self.durability.wait_durable(snap.version, self.durable_wait_s):
-                raise Unavailable(f"version {snap.version} is not replicated yet; retry")
             yield pb.PullMessage(header=pb.PullHeader(
                 version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch,
                 term=self.role.term))
             if snap.version < request.min_version:
                 return  # header only: not there yet, ask again
             self.engine.on_pull(request.worker_id, snap.version)
-            yield from self._pull_cache.stream(snap.version, snap.regions)
+            yield from self._durable_stream(snap)
         self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
+
+    def _durable_stream(self, snap) -> Iterator[object]:
+        """The version's chunks, the last one held until the standby has the version.
+
+        A worker has a version only with its last chunk, so it learns of none that a failover
+        could lose; the rest streams while the standby receives it.
+        """
+        held = None
+        for chunk in self._pull_cache.stream(snap.version, snap.regions):
+            if held is not None:
+                yield held
+            held = chunk
+        if not self.durability.wait_durable(snap.version, self.durable_wait_s):
+            raise Unavailable(f"version {snap.version} is not replicated yet; retry")
+        if held is not None:
+            yield held
 
     def _pull_frozen(self) -> Iterator[object]:
         if self._frozen is None:

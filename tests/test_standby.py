@@ -201,3 +201,52 @@ def test_a_restarted_primary_refuses_to_serve_once_its_standby_took_over(start_s
                                   timeouts=fast_timeouts(), checkpoint_dir=str(tmp_path / "primary")))
     with pytest.raises(Fenced, match="took over"):
         again.start()
+
+
+def test_status_ps_ctl_and_metrics_show_roles_terms_and_the_standby(start_server):
+    from paramhub.tools.ctl import status_table
+
+    primary, standby = start_pair(start_server, mode="async", workers=1, metrics_port=0)
+    shown = primary.servicer.status()
+    assert (shown.role, shown.term, shown.standby_state) == ("primary", 1, "attached")
+    assert "standby attached" in status_table(shown)
+    following = standby.servicer.status()
+    assert (following.role, following.standby_state, following.primary) == (
+        "standby", "following", f"127.0.0.1:{primary.port}")
+    assert "STANDBY of" in status_table(following)
+    sample = primary.metrics.prometheus.get_sample_value
+    wait_for(lambda: sample("paramhub_standby_attached") == 1, 5, "attached gauge")
+    assert sample("paramhub_replication_lag_versions") == 0
+    assert sample("paramhub_replication_bytes_total") > 0  # the snapshot
+    primary.shutdown(grace=0)
+    wait_for(lambda: standby.follower.promoted.is_set(), 15, "promoted")
+    assert standby.metrics.prometheus.get_sample_value("paramhub_failovers_total") == 1
+    taken_over = standby.servicer.status()
+    assert (taken_over.role, taken_over.term, taken_over.failovers) == ("primary", 2, 1)
+
+
+def test_partitions_each_with_a_standby_fail_over_one_by_one(start_server):
+    """--partition k/2 servers, each followed by its own standby; the worker's PartitionedClient follows both."""
+    from paramhub.worker.client import PSClient
+    from paramhub.worker.partitions import PartitionedClient
+
+    pairs = [start_pair(start_server, mode="async", workers=1, partition=(k, 2), failover_after=0.5)
+             for k in range(2)]
+    client = PartitionedClient([PSClient(f"127.0.0.1:{p.port}", fast_timeouts(connect=20),
+                                         failover=f"127.0.0.1:{s.port}", switch_after=0.3) for p, s in pairs])
+    try:
+        info = client.join(name="w")
+        regions = info.layout.empty_regions()
+        for step in range(2):
+            client.wait_and_pull(regions, step)
+            client.push(GRAD, step, gradient(client, step), 1, 0.1)
+        pairs[0][0].shutdown(grace=0)  # partition 0's primary dies; partition 1's goes on
+        for step in range(2, 4):
+            client.wait_and_pull(regions, step)
+            assert client.push(GRAD, step, gradient(client, step), 1, 0.1).outcome == pb.PUSH_OUTCOME_ACCEPTED
+        assert pairs[0][1].role.role == "primary" and pairs[1][1].role.role == "standby"
+        assert pairs[0][1].store.version == pairs[1][0].store.version == 4
+        wait_for(lambda: pairs[1][1].store.version == 4, 10, "partition 1's standby caught up")
+        assert same_state(state_of(pairs[1][0]), state_of(pairs[1][1]))
+    finally:
+        client.close()

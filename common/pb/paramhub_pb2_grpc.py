@@ -386,8 +386,8 @@ class ReplicationStub:
     consumed (the averaged PARAM update after its share, the BUFFER means), the
     ledger entries and the dedup replies of the pushes in it. The standby applies
     the same rule to the same inputs, so it ends with bitwise the same state, and
-    acks each version; workers learn of a version (a pull, an async reply) only
-    once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
     Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
     into the payload that ReplicaHeader.payload_bytes announces).
     """
@@ -419,8 +419,8 @@ class ReplicationServicer:
     consumed (the averaged PARAM update after its share, the BUFFER means), the
     ledger entries and the dedup replies of the pushes in it. The standby applies
     the same rule to the same inputs, so it ends with bitwise the same state, and
-    acks each version; workers learn of a version (a pull, an async reply) only
-    once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
     Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
     into the payload that ReplicaHeader.payload_bytes announces).
     """
@@ -468,8 +468,8 @@ class Replication:
     consumed (the averaged PARAM update after its share, the BUFFER means), the
     ledger entries and the dedup replies of the pushes in it. The standby applies
     the same rule to the same inputs, so it ends with bitwise the same state, and
-    acks each version; workers learn of a version (a pull, an async reply) only
-    once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
     Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
     into the payload that ReplicaHeader.payload_bytes announces).
     """
