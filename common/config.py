@@ -145,6 +145,9 @@ class ServerConfig:
     failover_after: float = 3.0
     # a primary detaches a standby that acks nothing this long, and goes on unprotected
     replication_timeout: float = 5.0
+    # round each averaged update to wire_dtype before applying it (here and on a standby): replication carries
+    # the update in the wire dtype (half the bytes with bf16/fp16)
+    replicate_in_wire_dtype: bool = False
 
     @property
     def stream_limit(self) -> int:

@@ -371,6 +371,8 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
                 if config.standby_for else None)
     servicer = _servicer(config, engine, layouts, weights.frozen_regions, limits, metrics, role, replicator)
     servicer.follower = follower
+    if config.replicate_in_wire_dtype and config.wire_dtype != "fp32":
+        engine.update_dtype = codec.WIRE_DTYPES[config.wire_dtype]
     if isinstance(metrics, ServerMetrics):
         metrics.lag = lambda: replicator.lag
     # calls waiting for their request take the threads streams leave; one host at most half of them

@@ -140,6 +140,9 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--replication-timeout", default=5.0, type=click.FloatRange(0, 300, min_open=True),
               help="A primary detaches a standby that acknowledges nothing this many seconds and goes on alone "
                    "(unprotected, logged and in Status) until it re-attaches.")
+@click.option("--replicate-in-wire-dtype", is_flag=True,
+              help="Round each averaged update to --wire-dtype before applying it (always, standby or not), so a "
+                   "standby receives it in that dtype: half the replication bytes with bf16/fp16.")
 @security_options
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))

@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Callable
 
+import torch
+
 
 from paramhub.common.codec import Piece
 from paramhub.common.layout import BUFFER, PARAM
@@ -140,6 +142,8 @@ class ConsistencyEngine:
         self.store = store
         # called under the store's lock with each published version's AppliedUpdate (ps/replication.py)
         self.on_published = on_published
+        # --replicate-in-wire-dtype: each averaged PARAM update is rounded to this dtype before the rule
+        self.update_dtype: torch.dtype | None = None
         self.rule = rule
         self.registry = registry
         self.max_versions = max_versions
@@ -275,13 +279,18 @@ class ConsistencyEngine:
         if share != 1.0:  # skipped at 1.0, so an unscaled update stays bit for bit what it was
             for r in self._param_regions:
                 averaged[r].mul_(share)
+        if self.update_dtype is not None:  # rounded to the wire dtype here too: a standby gets it in half the bytes
+            for r in self._param_regions:
+                averaged[r].copy_(averaged[r].to(self.update_dtype))
         loss = sum(self._losses) / len(self._losses)
         self._losses.clear()
         version = self.store.version + 1
         entries = [dataclasses.replace(entry, version=version, share=share) for entry in contributions]
         # the rule overwrites the mean with the new weights: a standby needs the mean itself
         hook = self.on_published
-        update = (AppliedUpdate(version, [t.clone() for t in averaged], share, entries, loss,
+        narrow = set(self._param_regions) if self.update_dtype is not None else set()
+        update = (AppliedUpdate(version, [t.to(self.update_dtype) if r in narrow else t.clone()
+                                          for r, t in enumerate(averaged)], share, entries, loss,
                                 pushes=[(e.worker_id, self.intake.incarnation_of(e.worker_id), e.sequence)
                                         for e in entries])
                   if hook is not None else None)
@@ -306,7 +315,9 @@ class ConsistencyEngine:
             if update.version != self.store.version + 1:
                 raise ValueError(f"replicated update for version {update.version}, but the store is at "
                                  f"{self.store.version}: a gap or a repeat")
-            new_version = self._install(list(update.regions), self.store.version, update.entries, update.loss)
+            dtypes = [region.dtype for region in self.store.layout.regions]
+            regions = [t if t.dtype == dtypes[r] else t.to(dtypes[r]) for r, t in enumerate(update.regions)]
+            new_version = self._install(regions, self.store.version, update.entries, update.loss)
             if new_version != update.version:
                 raise ValueError(f"replicated update {update.version} diverged here")
             reply = self._result(pb.PUSH_OUTCOME_ACCEPTED)

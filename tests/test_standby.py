@@ -12,6 +12,7 @@ import torch
 from conftest import fast_timeouts, wait_for
 
 from paramhub.common.config import ServerConfig
+from paramhub.common.layout import PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.replication import Fenced
 from paramhub.worker.client import ServerUnreachable
@@ -80,6 +81,21 @@ def test_the_standby_ends_bitwise_equal_to_its_primary(start_server, connect, mo
     wait_for(lambda: standby.store.version == primary.store.version, 10, "standby caught up")
     assert same_state(state_of(primary), state_of(standby))
     assert primary.replicator.acked == primary.store.version  # every version was acked before it was seen
+
+
+def test_updates_replicated_in_the_wire_dtype_leave_the_standby_bitwise_equal(start_server, connect):
+    primary, standby = start_pair(start_server, mode="async", workers=1, wire_dtype="bf16",
+                                  replicate_in_wire_dtype=True, **RULES["adamw"])
+    shipped = []
+    hook = primary.engine.on_published
+    primary.engine.on_published = lambda update: (shipped.append(update), hook(update))
+    client = connect(primary.port)
+    client.join(name="w")
+    for step in range(3):
+        client.push(GRAD, step, gradient(client, step), 2, 0.5)
+    wait_for(lambda: standby.store.version == 3, 10, "standby caught up")
+    assert same_state(state_of(primary), state_of(standby))
+    assert {shipped[0].regions[r].dtype for r in primary.layout.region_indices(PARAM)} == {torch.bfloat16}
 
 
 def test_a_standby_that_skips_or_doubles_an_update_is_detected(start_server, connect):

@@ -269,11 +269,12 @@ def _wait_attached(address: str, timeout: float = START_TIMEOUT_S) -> None:
 
 
 def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warmup: int, split_rounds: int,
-              standby: bool = False) -> dict:
+              standby: bool = False, replicate_in_wire_dtype: bool = False) -> dict:
     """The interleaved paramhub and gloo rounds; returns the figures as a dict.
 
     With ``standby`` a second server with a standby (ps-server --standby-for) and its own N
-    workers run the same rounds, interleaved with the others, for the cost of replication.
+    workers run the same rounds, interleaved with the others, for the cost of replication;
+    ``replicate_in_wire_dtype`` gives both servers (and the standby) that flag.
 
     Raises:
         click.ClickException: a child did not start, failed, or a round went wrong.
@@ -283,7 +284,8 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     try:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: the groups stop before the server
             server = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
-                                                         rss_file=str(rss_file)))
+                                                         rss_file=str(rss_file),
+                                                         replicate_in_wire_dtype=replicate_in_wire_dtype))
             address = f"{HOST}:{server.wait_ready()}"
             ps_group = stack.enter_context(ChildGroup("paramhub worker", paramhub_worker, workers, (address,)))
             ready = ps_group.wait_ready()
@@ -296,10 +298,12 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
             gloo_group.wait_ready()
             protected_group = None
             if standby:
-                protected = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype))
+                narrow = {"replicate_in_wire_dtype": replicate_in_wire_dtype}
+                protected = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
+                                                                **narrow))
                 protected_address = f"{HOST}:{protected.wait_ready()}"
                 follower = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
-                                                               standby_for=protected_address))
+                                                               standby_for=protected_address, **narrow))
                 follower.wait_ready()
                 _wait_attached(protected_address)
                 protected_group = stack.enter_context(ChildGroup("paramhub worker (with standby)", paramhub_worker,
@@ -376,7 +380,9 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
         "standby_goal_ratio": STANDBY_GOAL_RATIO,
         "standby_samples_s": standby_s,
         "standby_pair_ratios": [p / r for p, r in zip(standby_s, round_s)],
-        "replication_bytes_per_round": nbytes,  # the averaged update in the model's dtypes (fp32)
+        # the averaged update: in the model's dtypes (fp32), or its PARAM regions in the wire dtype
+        "replication_bytes_per_round": wire_nbytes if replicate_in_wire_dtype else nbytes,
+        "replicate_in_wire_dtype": replicate_in_wire_dtype,
     }
     return {
         **paired,
