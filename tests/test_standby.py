@@ -266,3 +266,14 @@ def test_partitions_each_with_a_standby_fail_over_one_by_one(start_server):
         assert same_state(state_of(pairs[1][0]), state_of(pairs[1][1]))
     finally:
         client.close()
+
+
+def test_the_worker_wants_one_standby_per_server_address_and_the_server_a_bounded_failover():
+    from click.testing import CliRunner
+
+    from paramhub.worker.cli import main
+
+    result = CliRunner().invoke(main, ["--server", "127.0.0.1:1,127.0.0.1:2", "--failover", "127.0.0.1:3"])
+    assert result.exit_code == 2 and "one standby per --server address" in result.output
+    with pytest.raises(ValueError, match="--failover-after"):
+        ServerConfig(failover_after=0)

@@ -53,7 +53,7 @@ def start_pair(cluster: LocalCluster, mode: str, tmp_path, max_steps: int,
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_primary_sigkilled_mid_run_the_run_completes_on_the_standby(tmp_path, mode):
-    max_steps = 14 if mode == "sync" else 28
+    max_steps = 12 if mode == "sync" else 24
     with LocalCluster(tmp_path / "run") as cluster:
         # --linger: the promoted standby still answers when the old primary restarts after the run
         primary_args, standby_port = start_pair(cluster, mode, tmp_path, max_steps, standby_args=("--linger",))
