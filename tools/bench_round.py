@@ -34,6 +34,7 @@ import traceback
 
 import click
 
+from paramhub.tools import versus_ddp
 from paramhub.tools.bench_servers import HOST, NUM_CLASSES, cpu_seconds, paramhub_server, proc_status_kb
 
 STANDBY_GOAL_RATIO = 1.3  # the goal: a sync round with a standby at most 1.3x one without (4 workers, bf16)
@@ -246,15 +247,6 @@ class ChildGroup:
 # -- ps-bench round ------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name (as ``lscpu`` shows it), for the report."""
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def _wait_attached(address: str, timeout: float = START_TIMEOUT_S) -> None:
     """Waits (bounded) until the primary at ``address`` reports its standby attached."""
     from paramhub.common.config import Timeouts
@@ -386,7 +378,7 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     }
     return {
         **paired,
-        "cpu_model": cpu_model(),
+        "cpu_model": versus_ddp.cpu_model(),
         "ratio": _median_ratio(round_s, gloo_s),
         "round_s": statistics.median(round_s),
         "gloo_s": statistics.median(gloo_s),
