@@ -146,6 +146,15 @@ class ServerConfig:
     data_leases: bool = False
     lease_size: int = 256
     epochs: int | None = None
+    # replication (ps/replication.py): follow this primary as its standby (None: start as a primary)
+    standby_for: str | None = None
+    # a standby takes over when the primary's stream is broken and it is unreachable this long
+    failover_after: float = 3.0
+    # a primary detaches a standby that acks nothing this long, and goes on unprotected
+    replication_timeout: float = 5.0
+    # round each averaged update to wire_dtype before applying it (here and on a standby): replication carries
+    # the update in the wire dtype (half the bytes with bf16/fp16)
+    replicate_in_wire_dtype: bool = False
 
     @property
     def stream_limit(self) -> int:
@@ -238,6 +247,10 @@ class ServerConfig:
             raise ValueError(f"--lease-size must be at least 1, got {self.lease_size}")
         if self.batch_share and self.mode != "async":
             raise ValueError("batch_share only applies to --mode async (a sync round is the whole global batch)")
+        if not 0 < self.failover_after <= 60:
+            raise ValueError(f"--failover-after must be from 0 to 60 seconds, got {self.failover_after}")
+        if not 0 < self.replication_timeout <= 300:
+            raise ValueError(f"--replication-timeout must be from 0 to 300 seconds, got {self.replication_timeout}")
         check_listen_address(self.host, self.security, self.insecure)
 
 
@@ -246,6 +259,9 @@ class WorkerConfig:
     """Everything ``ps-worker`` needs."""
 
     server: str = "127.0.0.1:50051"
+    # the standby's address (for a partitioned server: one per partition, comma-separated like ``server``);
+    # the worker moves there when the server is gone or was replaced
+    failover: str = ""
     shard: int = 0
     num_shards: int | None = None
     data: str = "synthetic"

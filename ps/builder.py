@@ -32,6 +32,8 @@ from paramhub.ps.ledger import Ledger
 from paramhub.ps.limits import StreamLimits
 from paramhub.ps.metrics import MetricsHook, ServerMetrics
 from paramhub.ps.registry import WorkerRecord, WorkerRegistry
+from paramhub.ps import replication
+from paramhub.ps.cut import state_cut
 from paramhub.ps.request_gate import RequestGate, RequestWaits
 from paramhub.ps.rules import AdamWRule, AveragingRule, LRSchedule, SGDRule, UpdateRule, async_momentum
 from paramhub.ps.screen import NormClip, UpdateScreen, all_finite
@@ -280,7 +282,8 @@ def _run_spec(config: ServerConfig) -> pb.RunSpec:
 
 
 def _servicer(config: ServerConfig, engine: ConsistencyEngine, layouts: Layouts, frozen_regions: list,
-              limits: StreamLimits, metrics: MetricsHook) -> ParameterServerServicer:
+              limits: StreamLimits, metrics: MetricsHook, role: replication.Role,
+              replicator: replication.Replicator) -> ParameterServerServicer:
     screen = UpdateScreen(layouts.layout.region_indices(PARAM), max_abs=config.max_update_abs,
                           clip=NormClip(config.clip_factor) if config.clip_factor else None)
     return ParameterServerServicer(
@@ -289,12 +292,14 @@ def _servicer(config: ServerConfig, engine: ConsistencyEngine, layouts: Layouts,
         expected_kind=PUSH_KINDS[config.update], push_wait_s=config.timeouts.round or 300.0,
         frozen=(layouts.frozen, frozen_regions) if layouts.frozen else None,
         stall_s=config.timeouts.stall, wire_dtype=codec.WIRE_DTYPES[config.wire_dtype],
-        screen=screen, limits=limits, metrics=metrics,
+        screen=screen, limits=limits, metrics=metrics, role=role, durability=replicator,
+        durable_wait_s=config.replication_timeout + 5.0,  # the ack bound releases every wait before this
     )
 
 
 def _grpc_server(config: ServerConfig, handlers: futures.ThreadPoolExecutor, request_waits: RequestWaits,
-                 servicer: ParameterServerServicer, health_servicer: health.HealthServicer) -> grpc.Server:
+                 servicer: ParameterServerServicer, health_servicer: health.HealthServicer,
+                 replication_service: replication.ReplicationService) -> grpc.Server:
     server = grpc.server(
         handlers,  # the token check first: a call without the token is refused before it is counted
         interceptors=config.security.server_interceptors() + [RequestGate(request_waits)],
@@ -306,6 +311,7 @@ def _grpc_server(config: ServerConfig, handlers: futures.ThreadPoolExecutor, req
         ],
     )
     add_to_server(servicer, server)
+    replication.add_to_server(replication_service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return server
@@ -348,6 +354,9 @@ class ServerParts:
     ticker: Ticker
     evaluator: ServerEvaluator | None  # with --eval-data
     status_page: StatusPage | None
+    role: replication.Role
+    replicator: replication.Replicator  # streams to a standby when one follows (any primary may have one)
+    follower: replication.Follower | None  # --standby-for: follows the primary (started by PSServer)
 
 
 def build_server(config: ServerConfig, build: Callable[..., InitialState] = initial_state) -> ServerParts:
@@ -377,7 +386,21 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
     if engine.leases is not None and engine.leases.finished and not store.done:
         store.finish()  # resumed after its last epoch: nothing is left to train
     limits = StreamLimits(total=config.stream_limit, per_peer=config.max_streams_per_peer)
-    servicer = _servicer(config, engine, layouts, weights.frozen_regions, limits, metrics)
+    role = replication.Role(config.checkpoint_dir, config.standby_for)
+    frozen = (layouts.frozen, weights.frozen_regions) if layouts.frozen is not None else None
+    replicator = replication.Replicator(
+        engine, registry, role, lambda under_lock: state_cut(config, layouts.layout, frozen, engine, registry,
+                                                             under_lock),
+        chunk_bytes=config.chunk_bytes, ack_timeout=config.replication_timeout, metrics=metrics)
+    follower = (replication.Follower(config.standby_for, engine, registry, role, own_address="",
+                                     failover_after=config.failover_after, security=config.security, metrics=metrics)
+                if config.standby_for else None)
+    servicer = _servicer(config, engine, layouts, weights.frozen_regions, limits, metrics, role, replicator)
+    servicer.follower = follower
+    if config.replicate_in_wire_dtype and config.wire_dtype != "fp32":
+        engine.update_dtype = codec.WIRE_DTYPES[config.wire_dtype]
+    if isinstance(metrics, ServerMetrics):
+        metrics.lag = lambda: replicator.lag
     # calls waiting for their request take the threads streams leave; one host at most half of them
     request_waits = RequestWaits(threads=config.request_wait_threads, per_peer=config.request_wait_threads // 2,
                                  timeout_s=config.timeouts.request, held_by_streams=lambda: limits.open)
@@ -389,6 +412,8 @@ def build_server(config: ServerConfig, build: Callable[..., InitialState] = init
         layout=layouts.layout, frozen_layout=layouts.frozen, frozen_regions=weights.frozen_regions,
         store=store, registry=registry, metrics=metrics, engine=engine, servicer=servicer,
         request_waits=request_waits, health=health_servicer, handlers=handlers,
-        grpc_server=_grpc_server(config, handlers, request_waits, servicer, health_servicer),
+        grpc_server=_grpc_server(config, handlers, request_waits, servicer, health_servicer,
+                                 replication.ReplicationService(role, store, replicator, follower)),
         ticker=Ticker(engine), evaluator=evaluator, status_page=status_page,
+        role=role, replicator=replicator, follower=follower,
     )

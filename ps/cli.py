@@ -135,6 +135,18 @@ def _partition(ctx, param, value: str) -> tuple[int, int]:
               help="Serve Prometheus metrics on http://HOST:PORT/metrics (read-only, no auth; 0: off).")
 @click.option("--http-port", default=0, type=click.IntRange(0, 65535),
               help="Serve the live status page and /api/status on this port (read-only, no auth; 0: off).")
+@click.option("--standby-for", default=None, metavar="HOST:PORT",
+              help="Run as the standby of the primary at HOST:PORT: follow every version it publishes (workers see "
+                   "a version only once the standby has it), refuse worker calls, and take over under a higher term "
+                   "when the primary is gone for --failover-after seconds. Same model and run flags as the primary.")
+@click.option("--failover-after", default=3.0, type=click.FloatRange(0, 60, min_open=True),
+              help="--standby-for: seconds without the primary (its stream broken, unreachable) before taking over.")
+@click.option("--replication-timeout", default=5.0, type=click.FloatRange(0, 300, min_open=True),
+              help="A primary detaches a standby that acknowledges nothing this many seconds and goes on alone "
+                   "(unprotected, logged and in Status) until it re-attaches.")
+@click.option("--replicate-in-wire-dtype", is_flag=True,
+              help="Round each averaged update to --wire-dtype before applying it (always, standby or not), so a "
+                   "standby receives it in that dtype: half the replication bytes with bf16/fp16.")
 @security_options
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host with neither TLS nor a token.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))

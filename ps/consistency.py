@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Callable
 
+import torch
+
 
 from paramhub.common.codec import Piece
 from paramhub.common.leases import Span
@@ -82,6 +84,25 @@ class PushResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class AppliedUpdate:
+    """What the rule consumed to make one version: a standby applies it and ends bitwise equal.
+
+    ``regions`` are the averaged update (PARAM: the mean after ``share``; BUFFER: the
+    plain means) in the layout's dtypes; ``pushes`` the (worker id, incarnation,
+    sequence) of each push in it (for the dedup memory); ``extra`` JSON-able state
+    deltas of other features, handed to ``ConsistencyEngine._apply_extra``.
+    """
+
+    version: int  # the version the update produces
+    regions: list  # torch tensors, one per layout region
+    share: float
+    entries: list[LedgerEntry]
+    loss: float
+    pushes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Progress:
     """The run's progress in one consistent cut: what Status and the status page both show."""
 
@@ -121,14 +142,19 @@ class ConsistencyEngine:
         leases: the data lease table (``--data-leases``); None: workers train on their own shards.
         min_workers: N, the trainers the run starts with (``--workers``): a round waits for the members,
             and never for fewer than N less the lost ones (``expected``).
+        on_published: called with each published version's ``AppliedUpdate`` (store's lock held).
     """
 
     def __init__(self, store: ParameterStore, rule: UpdateRule, registry: WorkerRegistry, *,
                  max_versions: int | None = None, damping: bool = False, ledger: Ledger | None = None,
                  metrics: MetricsHook | None = None, concurrent_pushes: int = 1,
                  clock: Callable[[], float] = time.monotonic, leases: LeaseTable | None = None,
-                 min_workers: int = 1):
+                 min_workers: int = 1, on_published: Callable[["AppliedUpdate"], None] | None = None):
         self.store = store
+        # called under the store's lock with each published version's AppliedUpdate (ps/replication.py)
+        self.on_published = on_published
+        # --replicate-in-wire-dtype: each averaged PARAM update is rounded to this dtype before the rule
+        self.update_dtype: torch.dtype | None = None
         self.rule = rule
         self.registry = registry
         self.leases = leases
@@ -330,14 +356,83 @@ class ConsistencyEngine:
 
         PARAM regions go through the update rule, their mean first multiplied by
         ``share`` (async: the update's share of the global batch); BUFFER regions
-        (BatchNorm statistics) become the plain sample-weighted mean.
+        (BatchNorm statistics) become the plain sample-weighted mean. With
+        ``on_published`` set, what the rule consumed goes to it as an ``AppliedUpdate``
+        once the version is published (a standby applies it the same way).
         """
-        snapshot = self.store.snapshot()
         averaged = self._mean.mean_()  # in place: the sums become the mean
+        if share != 1.0:  # skipped at 1.0, so an unscaled update stays bit for bit what it was
+            for r in self._param_regions:
+                averaged[r].mul_(share)
+        if self.update_dtype is not None:  # rounded to the wire dtype here too: a standby gets it in half the bytes
+            for r in self._param_regions:
+                averaged[r].copy_(averaged[r].to(self.update_dtype))
+        loss = sum(self._losses) / len(self._losses)
+        self._losses.clear()
+        version = self.store.version + 1
+        entries = [dataclasses.replace(entry, version=version, share=share) for entry in contributions]
+        # the rule overwrites the mean with the new weights: a standby needs the mean itself
+        hook = self.on_published
+        narrow = set(self._param_regions) if self.update_dtype is not None else set()
+        update = (AppliedUpdate(version, [t.to(self.update_dtype) if r in narrow else t.clone()
+                                          for r, t in enumerate(averaged)], share, entries, loss,
+                                pushes=[(e.worker_id, self.intake.incarnation_of(e.worker_id), e.sequence)
+                                        for e in entries])
+                  if hook is not None else None)
+        new_version = self._install(averaged, version - 1, entries, loss)
+        # The next sums take the memory of an old version that no pull reads any more, so a
+        # steady run allocates nothing of the model's size per update.
+        self._mean.reset(self.store.reclaim())
+        if self.leases is not None and new_version == version:
+            # the positions of the applied pushes are done in the same cut as the weights; a standby
+            # marks the same ones (``_apply_extra``)
+            trained = [span for entry in entries for span in self.leases.commit(entry.key)]
+            if update is not None:
+                update.extra["trained"] = [[span.epoch, span.start, span.end] for span in trained]
+                update.extra["dataset"] = [self.leases.num_samples, self.leases.fingerprint]
+            self._finish_after_epochs(new_version)
+        if update is not None and new_version == version:
+            hook(update)
+        return new_version
+
+    def apply_replicated(self, update: "AppliedUpdate") -> int:
+        """A standby applies its primary's ``update`` through the same rule; returns the new version.
+
+        Its pushes' replies go into the dedup memory, so a push retried here after a
+        failover gets its original's reply instead of being applied twice.
+
+        Raises:
+            ValueError: the update does not follow the store's version (a gap or a repeat).
+        """
+        with self.store.lock:
+            if update.version != self.store.version + 1:
+                raise ValueError(f"replicated update for version {update.version}, but the store is at "
+                                 f"{self.store.version}: a gap or a repeat")
+            dtypes = [region.dtype for region in self.store.layout.regions]
+            regions = [t if t.dtype == dtypes[r] else t.to(dtypes[r]) for r, t in enumerate(update.regions)]
+            new_version = self._install(regions, self.store.version, update.entries, update.loss)
+            if new_version != update.version:
+                raise ValueError(f"replicated update {update.version} diverged here")
+            reply = self._result(pb.PUSH_OUTCOME_ACCEPTED)
+            for worker_id, incarnation, sequence in update.pushes:
+                self.intake.remember(worker_id, incarnation, sequence, reply)
+            self._apply_extra(update.extra)
+            self.store.lock.notify_all()
+            return new_version
+
+    def _apply_extra(self, extra: dict) -> None:
+        """Per-version state other features replicate (``AppliedUpdate.extra``): the data leases' done positions."""
+        if self.leases is not None and "trained" in extra:
+            if extra["dataset"][0] is not None:
+                self.leases.check_dataset(int(extra["dataset"][0]), str(extra["dataset"][1]))
+            self.leases.record_done([Span(int(e), int(start), int(end)) for e, start, end in extra["trained"]])
+            self._finish_after_epochs(self.store.version)
+
+    def _install(self, averaged: list, version: int, entries: list[LedgerEntry], loss: float) -> int:
+        """The rule on the mean ``averaged`` (overwritten), then publish, ledger, done: shared with the standby."""
+        snapshot = self.store.snapshot()
         regions = list(snapshot.regions)
         for r in self._param_regions:
-            if share != 1.0:  # skipped at 1.0, so an unscaled update stays bit for bit what it was
-                averaged[r].mul_(share)
             state = self.store.rule_state.setdefault(r, {})
             # the new weights overwrite the mean, which is not needed after the step
             regions[r] = self.rule.apply(snapshot.regions[r], averaged[r], state, snapshot.version, out=averaged[r])
@@ -346,26 +441,22 @@ class ConsistencyEngine:
         if not self._finite(regions):
             return self._diverged(snapshot.version)
         new_version = self.store.publish(regions)
-        # The next sums take the memory of an old version that no pull reads any more, so a
-        # steady run allocates nothing of the model's size per update.
-        self._mean.reset(self.store.reclaim())
-        entries = [dataclasses.replace(entry, version=new_version, share=share) for entry in contributions]
         for entry in entries:
             self.ledger.record(entry)
-            if self.leases is not None:
-                self.leases.commit((entry.worker_id, entry.incarnation, entry.sequence))
-        self.last_loss = sum(self._losses) / len(self._losses)
+        self.last_loss = loss
         self.metrics.update_applied(new_version, self.last_loss, entries)
-        self._losses.clear()
         if self.max_versions is not None and new_version >= self.max_versions:
             log.info("reached version %d of %d: run complete", new_version, self.max_versions,
                      extra={"event": "run_complete", "version": new_version})
             self.store.finish()
-        elif self.leases is not None and self.leases.finished:
-            log.info("all %d epochs trained at version %d: run complete", self.leases.epochs, new_version,
-                     extra={"event": "run_complete", "version": new_version, "epochs": self.leases.epochs})
-            self.store.finish()
         return new_version
+
+    def _finish_after_epochs(self, version: int) -> None:
+        """Under data leases with ``--epochs``: the run is complete once the last epoch is trained."""
+        if self.leases is not None and self.leases.finished and not self.store.done:
+            log.info("all %d epochs trained at version %d: run complete", self.leases.epochs, version,
+                     extra={"event": "run_complete", "version": version, "epochs": self.leases.epochs})
+            self.store.finish()
 
     def _finite(self, regions: list) -> bool:
         """Whether the new weights, buffers and optimizer state are all finite (one pass each)."""

@@ -164,6 +164,25 @@ class PushIntake:
             for worker_id in [w for w in self._last if w not in worker_ids]:
                 del self._last[worker_id]
 
+    def incarnation_of(self, worker_id: int) -> int:
+        """The incarnation of the worker's last push taken (0 when none is remembered)."""
+        with self._lock:
+            last = self._last.get(worker_id)
+            return last.incarnation if last is not None else 0
+
+    def remember(self, worker_id: int, incarnation: int, sequence: int, reply: object) -> None:
+        """Sets the worker's last push and its reply, as its primary had them (a standby; ps/replication.py)."""
+        with self._lock:
+            last = self._last.get(worker_id)
+            if last is None or incarnation >= last.incarnation:
+                self._last[worker_id] = _LastPush(incarnation, sequence, reply)
+
+    def memory(self) -> dict[int, tuple[int, int, object]]:
+        """Each worker's last answered push: worker id -> (incarnation, sequence, reply)."""
+        with self._lock:
+            return {w: (last.incarnation, last.sequence, last.reply) for w, last in self._last.items()
+                    if last.reply is not None}
+
     @property
     def receiving(self) -> int:
         """Pushes let in and not yet taken or released."""

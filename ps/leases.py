@@ -184,9 +184,25 @@ class LeaseTable:
             raise
         self._held[key] = (worker_id, taken)
 
-    def commit(self, key: tuple) -> None:
-        """The push ``key`` is in a published update: its positions are done (epochs that fill up complete)."""
+    def commit(self, key: tuple) -> list[Span]:
+        """The push ``key`` is in a published update: its positions are done (epochs that fill up complete).
+
+        Returns them (a standby records the same with ``record_done``).
+        """
         _, spans = self._held.pop(key, (None, []))
+        self._mark_done(spans)
+        return spans
+
+    def record_done(self, spans: Sequence[Span]) -> None:
+        """A standby's table: positions its primary counted done. Nothing is leased on a standby, so they
+        are pending here; epochs the primary opened since are opened first."""
+        for span in spans:
+            while span.epoch >= self.next_epoch:
+                self._open(self.next_epoch)
+            self._pending[span.epoch].remove(span.start, span.end)
+        self._mark_done(spans)
+
+    def _mark_done(self, spans: Sequence[Span]) -> None:
         for span in spans:
             self._done[span.epoch].add(span.start, span.end)
         for epoch in sorted({span.epoch for span in spans}):
@@ -220,6 +236,10 @@ class LeaseTable:
         return returned
 
     # -- reporting and checkpoints ----------------------------------------------------------
+
+    def restored(self, state: dict | None) -> "LeaseTable":
+        """A fresh table with these settings and ``state`` (a standby takes its primary's so)."""
+        return LeaseTable(self.lease_size, self.seed, self.epochs, state=state)
 
     def summary(self) -> list[EpochState]:
         """Each open epoch's positions by state, the oldest first."""

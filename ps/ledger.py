@@ -25,6 +25,11 @@ class LedgerEntry:
     share: float = 1.0
     incarnation: int = 0  # of the worker that pushed it (sequences start over with each incarnation)
 
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """The push it records: (worker id, incarnation, sequence)."""
+        return self.worker_id, self.incarnation, self.sequence
+
 
 class Ledger:
     """Keeps the last ``capacity`` entries in full and counts for all of them.

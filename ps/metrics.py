@@ -85,6 +85,14 @@ class MetricsHook:
 
     def leases_reassigned(self, samples: int) -> None:
         """A departed worker's leases, ``samples`` positions, went back to the pool."""
+    def failover(self) -> None:
+        """This standby took over from its primary."""
+
+    def standby_changed(self, attached: bool) -> None:
+        """A standby attached (its snapshot sent) or was detached (the primary runs unprotected)."""
+
+    def replication_bytes(self, n: int) -> None:
+        """Bytes of replication stream sent to the standby."""
 
 
 class ServerMetrics(MetricsHook):
@@ -102,7 +110,7 @@ class ServerMetrics(MetricsHook):
                  history: int = HISTORY_POINTS, clock: Callable[[], float] = time.monotonic,
                  leases: Callable[[], tuple[list, int]] | None = None):
         # Imported here, not at the top: a server without metrics never loads prometheus_client.
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry
         self.window_s = window_s
@@ -135,6 +143,15 @@ class ServerMetrics(MetricsHook):
         self.reassigned = Counter("paramhub_lease_samples_reassigned",
                                   "Leased samples given back to the pool when their worker left, died or rejoined.",
                                   **on)
+        self.failovers = Counter("paramhub_failovers", "Times this server took over from its primary.", **on)
+        self.standby_detached = Counter("paramhub_standby_detached",
+                                        "Times the standby stopped acking and the primary went on unprotected.", **on)
+        self.standby_attached = Gauge("paramhub_standby_attached", "1 while a standby follows this primary.", **on)
+        self.replicated = Counter("paramhub_replication_bytes", "Bytes of replication stream sent to the standby.",
+                                  **on)
+        self.replication_lag = Gauge("paramhub_replication_lag_versions",
+                                     "Versions published that the standby has not acked yet.", **on)
+        self.replication_lag.set_function(lambda: self.lag())
         self.prometheus.register(_ScrapeTimeCollector(self))
 
     # -- MetricsHook ----------------------------------------------------------------
@@ -180,6 +197,19 @@ class ServerMetrics(MetricsHook):
     def evaluated(self, record: dict) -> None:
         with self._lock:
             self._evaluations.append(dict(record))
+
+    def failover(self) -> None:
+        self.failovers.inc()
+
+    def standby_changed(self, attached: bool) -> None:
+        self.standby_attached.set(1 if attached else 0)
+        if not attached:
+            self.standby_detached.inc()
+
+    def replication_bytes(self, n: int) -> None:
+        self.replicated.inc(n)
+
+    lag: Callable[[], int] = staticmethod(lambda: 0)  # the Replicator's lag, set by the builder
 
     # -- reading --------------------------------------------------------------------
 

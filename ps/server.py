@@ -20,6 +20,8 @@ from paramhub.common.config import ServerConfig
 from paramhub.common.models import InitialState, initial_state
 from paramhub.common.runtime import recheck_threads
 from paramhub.ps.builder import build_server
+from paramhub.ps.cut import Cut, state_cut
+from paramhub.ps.replication import check_not_replaced
 from paramhub.ps.metrics import ServerMetrics
 from paramhub.ps.servicer import SERVICE
 
@@ -55,14 +57,23 @@ class PSServer:
         self._grpc = parts.grpc_server
         self._ticker = parts.ticker
         self._status_page = parts.status_page
+        self.role = parts.role
+        self.replicator = parts.replicator
+        self.follower = parts.follower
         self.metrics_port: int | None = None  # bound ports of the HTTP endpoints that are on
         self.http_port: int | None = None
         self._stop = threading.Event()
         self.port: int | None = None
         self.last_checkpoint: str | None = None
+        self._ticking = False
 
     def start(self) -> int:
-        """Binds and starts serving; returns the port (useful with port 0)."""
+        """Binds and starts serving; returns the port (useful with port 0).
+
+        A primary whose former standby took over refuses (``Fenced``); a standby starts following.
+        """
+        if self.follower is None:
+            check_not_replaced(self.role, self.store.version, self.config.security)
         address = f"{self.config.host}:{self.config.port}"
         credentials = self.config.security.server_credentials()
         try:
@@ -72,8 +83,14 @@ class PSServer:
             raise RuntimeError(f"cannot listen on {address}: {exc}") from None
         self._serve_http()
         self._grpc.start()
-        self._ticker.start()
+        if self.follower is None:  # a standby's leases and dedup memory start when it takes over
+            self._start_ticker()
         self._set_serving(True)
+        if self.follower is not None:
+            self.follower.own_address = f"{self.config.host}:{self.port}"
+            self.follower.start()
+            log.info("standby: following the primary at %s (takes over after %.1fs without it)",
+                     self.config.standby_for, self.config.failover_after)
         log.info("serving %s (%d tensors, %.1f MB) on %s:%d, mode %s, update %s, %d workers",
                  self.config.model, len(self.layout.tensors), self.layout.nbytes / 1e6, self.config.host,
                  self.port, self.config.mode, self.config.update, self.config.workers)
@@ -115,6 +132,11 @@ class PSServer:
             state.update(self.frozen_layout.views(self.frozen_regions))
         return state
 
+    def state_cut(self, under_lock=lambda version: None) -> contextlib.AbstractContextManager[Cut]:
+        """One consistent cut (weights, optimizer, ledger, workers): what a checkpoint and a standby's snapshot take."""
+        frozen = (self.frozen_layout, self.frozen_regions) if self.frozen_layout is not None else None
+        return state_cut(self.config, self.layout, frozen, self.engine, self.registry, under_lock)
+
     def checkpoint(self) -> str | None:
         """Writes a checkpoint of the current version; returns its path (None without a directory)."""
         if not self.config.checkpoint_dir:
@@ -122,24 +144,27 @@ class PSServer:
         if self.store.failure:  # the optimizer state may hold inf (screen.py, layer 2): keep the last good one
             log.error("no checkpoint written: %s", self.store.failure)
             return None
-        with contextlib.ExitStack() as stack:
-            with self.store.lock:  # one consistent cut: weights, optimizer, ledger, workers
-                snap = stack.enter_context(self.store.reading())  # the weights stay untouched until written
-                server_state = checkpoint.rule_state_tensors([region.name for region in self.layout.regions],
-                                                             self.store.rule_state_copy())
-                server_state.update(self.engine.ledger.to_tensors())
-                workers = self.registry.export()
-                leases = self.engine.leases.export() if self.engine.leases is not None else None
-            path = checkpoint.save_checkpoint(
-                self.config.checkpoint_dir, snap.version, self.model_state(snap.regions), server_state,
-                metadata={"model": self.config.model, "num_classes": self.config.num_classes,
-                          "layout_hash": self.layout.hash, "mode": self.config.mode, "update": self.config.update,
-                          "workers": workers, **({"leases": leases} if leases is not None else {})},
-                keep_last=self.config.keep_checkpoints,
-            )
+        with self.state_cut() as cut:  # the weights stay untouched until written
+            path = checkpoint.save_checkpoint(self.config.checkpoint_dir, cut.version, cut.model_state,
+                                              cut.server_state, metadata=cut.metadata,
+                                              keep_last=self.config.keep_checkpoints)
         self.last_checkpoint = str(path)
-        log.info("checkpoint v%d written to %s", snap.version, path)
+        log.info("checkpoint v%d written to %s", cut.version, path)
         return self.last_checkpoint
+
+    def _start_ticker(self) -> None:
+        self._ticker.start()
+        self._ticking = True
+
+    def _follow_until_promoted(self) -> bool:
+        """A standby waits until it takes over (True), or until stopped or its primary's run ended (False)."""
+        while not self._stop.is_set():
+            if self.follower.promoted.wait(0.2):
+                self._start_ticker()
+                return True
+            if self.follower.finished.is_set():
+                return False
+        return False
 
     def run_until_done(self) -> None:
         """Serves until the run completes (``--max-steps``) or ``stop()``, checkpointing on the way.
@@ -152,6 +177,11 @@ class PSServer:
         with a final checkpoint. A resumed run that was already complete ends at
         once (or lingers): nothing is left to train, and no worker is waited for.
         """
+        if self.follower is not None and not self._follow_until_promoted():
+            self._set_serving(False)
+            self.follower.stop()
+            self.shutdown()
+            return
         seen = last_checkpoint = self.store.version
         every = self.config.checkpoint_every
         if self.finished_at_start:
@@ -210,8 +240,12 @@ class PSServer:
 
     def shutdown(self, grace: float = 2.0) -> None:
         """Stops the gRPC server (RPCs in flight get ``grace`` seconds) and background threads."""
+        if self.follower is not None:
+            self.follower.stop()
+        self.replicator.close()
         self._grpc.stop(grace).wait(grace + 1)
         self._handlers.shutdown(wait=False, cancel_futures=True)  # grpc leaves the pool's threads alive
         self.request_waits.close()
-        self._ticker.stop()
+        if self._ticking:
+            self._ticker.stop()
         self._close_http()

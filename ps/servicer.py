@@ -81,6 +81,9 @@ class ParameterServerServicer:
         stall_s: a stream that makes no progress this long is cancelled (``StallGuard``).
         screen: what a push's values may be and how it counts (default: bounded values, no clipping).
         metrics: where events go (the server's ServerMetrics); default nowhere.
+        role: primary or standby, and the term (ps/replication.py); default a primary of term 1.
+        durability: the gate on what workers may see (``Replicator``); default: everything at once.
+        durable_wait_s: the longest a pull or reply waits for its version to be replicated.
     """
 
     def __init__(self, engine: ConsistencyEngine, model_spec: pb.ModelSpec, run_spec: pb.RunSpec, *,
@@ -88,7 +91,13 @@ class ParameterServerServicer:
                  frozen: tuple[Layout, list] | None = None, stall_s: float = 60.0,
                  wire_dtype: torch.dtype = torch.float32,
                  screen: UpdateScreen | None = None, limits: StreamLimits | None = None,
-                 metrics: MetricsHook | None = None):
+                 metrics: MetricsHook | None = None, role=None, durability=None, durable_wait_s: float = 30.0):
+        from paramhub.ps.replication import NoReplication, Role
+
+        self.role = role or Role(None)
+        self.durability = durability or NoReplication()
+        self.durable_wait_s = durable_wait_s
+        self.follower = None  # a standby's Follower (for Status), set by the builder
         self.engine = engine
         self.store = engine.store
         self.registry: WorkerRegistry = engine.registry
@@ -124,6 +133,7 @@ class ParameterServerServicer:
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinResponse:
         if not self.accepting:
             raise Unavailable("server is shutting down")
+        self.role.check_serving()
         check_join(request.worker_name, request.shard)
         record = self.registry.join(request.worker_name, request.incarnation, request.observer, request.shard)
         log.info("%s %s joined (id %d, incarnation %d, shard %d)", "observer" if record.observer else "worker",
@@ -131,17 +141,20 @@ class ParameterServerServicer:
         return pb.JoinResponse(
             worker_id=record.worker_id, model=self.model_spec, layout=self._layout_proto,
             version=self.store.version, run=self.run_spec, server_epoch=self.epoch,
-            max_chunk_bytes=self.chunk_bytes, frozen_layout=self._frozen_proto,
+            max_chunk_bytes=self.chunk_bytes, frozen_layout=self._frozen_proto, term=self.role.term,
         )
 
     @_abort_on_error
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
+        self.role.check_serving()
         self.registry.get(request.worker_id, request.incarnation)
         snap = self.store.snapshot()
-        return pb.HeartbeatResponse(version=snap.version, done=snap.done, server_epoch=self.epoch)
+        return pb.HeartbeatResponse(version=snap.version, done=snap.done, server_epoch=self.epoch,
+                                    term=self.role.term)
 
     @_abort_on_error
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
+        self.role.check_serving()
         record = self.registry.leave(request.worker_id, request.incarnation)
         log.info("worker %s (id %d) left", printable(record.name), record.worker_id)
         return pb.LeaveResponse()
@@ -149,7 +162,8 @@ class ParameterServerServicer:
     def status(self) -> StatusView:
         """The run's status now: what Status answers and the status page shows."""
         return server_status(self.engine, self.registry, self.run_spec, epoch=self.epoch,
-                             pushes_rejected=self.pushes_rejected)
+                             pushes_rejected=self.pushes_rejected, role=self.role,
+                             durability=self.follower if self.role.standby else self.durability)
 
     @_abort_on_error
     def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
@@ -182,6 +196,7 @@ class ParameterServerServicer:
         yield from guarded_sends(self._pull(request, context), guard)
 
     def _pull(self, request: pb.PullRequest, context) -> Iterator[object]:
+        self.role.check_serving()
         if request.frozen:
             yield from self._pull_frozen()
             return
@@ -197,11 +212,12 @@ class ParameterServerServicer:
             leases = self._leases_for(request) if request.lease_samples_wanted and not snap.done else ()
             yield pb.PullMessage(header=pb.PullHeader(
                 version=snap.version, layout_hash=self.layout.hash, done=snap.done, server_epoch=self.epoch,
-                leases=[pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in leases]))
+                leases=[pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in leases],
+                term=self.role.term))
             if snap.version < request.min_version:
                 return  # header only: not there yet, ask again
             self.engine.on_pull(request.worker_id, snap.version)
-            yield from self._pull_cache.stream(snap.version, snap.regions)
+            yield from self._durable_stream(snap)
         self.metrics.bytes_sent(self.wire_layout.nbytes)  # reached only once gRPC took the last chunk
 
     def _leases_for(self, request: pb.PullRequest) -> list:
@@ -216,13 +232,30 @@ class ParameterServerServicer:
         return self.engine.grant_leases(request.worker_id, request.dataset_samples, request.dataset_fingerprint,
                                         request.lease_samples_wanted)
 
+    def _durable_stream(self, snap) -> Iterator[object]:
+        """The version's chunks, the last one held until the standby has the version.
+
+        A worker has a version only with its last chunk, so it learns of none that a failover
+        could lose; the rest streams while the standby receives it.
+        """
+        held = None
+        for chunk in self._pull_cache.stream(snap.version, snap.regions):
+            if held is not None:
+                yield held
+            held = chunk
+        if not self.durability.wait_durable(snap.version, self.durable_wait_s):
+            raise Unavailable(f"version {snap.version} is not replicated yet; retry")
+        if held is not None:
+            yield held
+
     def _pull_frozen(self) -> Iterator[object]:
         if self._frozen is None:
             raise FailedPrecondition("this run has no frozen tensors")
         layout, regions = self._frozen
         snap = self.store.snapshot()
         yield pb.PullMessage(header=pb.PullHeader(
-            version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch))
+            version=snap.version, layout_hash=layout.hash, done=snap.done, server_epoch=self.epoch,
+            term=self.role.term))
         yield from codec.encoded_chunks(layout, regions, None, self.chunk_bytes)
         self.metrics.bytes_sent(layout.nbytes)
 
@@ -250,6 +283,7 @@ class ParameterServerServicer:
             raise InvalidArgument("a push must start with a PushHeader")
         if not self.accepting:
             raise Unavailable("server is shutting down; retry against the restarted server")
+        self.role.check_serving()
         record = self.registry.get(header.worker_id, header.incarnation)
         if record.observer:
             raise FailedPrecondition(f"{record.name} joined as an observer, which only reads; join as a worker to push")
@@ -338,8 +372,13 @@ class ParameterServerServicer:
             raise InvalidArgument(printable(str(exc))) from None
 
     def _response(self, result) -> pb.PushResponse:
+        # an applied push is answered once the standby has its version (async; sync rounds are seen by pulls)
+        if result.outcome == pb.PUSH_OUTCOME_ACCEPTED and not self.durability.wait_durable(result.version,
+                                                                                            self.durable_wait_s):
+            raise Unavailable(f"version {result.version} is not replicated yet; retry the push")
         return pb.PushResponse(outcome=result.outcome, version=result.version, next_version=result.next_version,
-                               done=result.done, server_epoch=self.epoch, base_kept=result.base_kept)
+                               done=result.done, server_epoch=self.epoch, base_kept=result.base_kept,
+                               term=self.role.term)
 
 
 def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:

@@ -96,9 +96,17 @@ class StatusView:
     not_listed: int  # trainers known but not in ``workers`` (the oldest departures)
     membership: Membership | None = None
     leases: LeaseView | None = None  # None: the run has no data leases
+    # replication (ps/replication.py): primary or standby, the term, the standby's state, its newest version
+    role: str = "primary"
+    term: int = 1
+    standby_state: str = "none"  # primary: none, attached, unprotected; standby: following, disconnected
+    replicated_version: int = 0
+    primary: str = ""  # a standby: the primary it follows
+    failovers: int = 0
 
 
-def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejected: int) -> StatusView:
+def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejected: int, role=None,
+                  durability=None) -> StatusView:
     """The status of a running server.
 
     Args:
@@ -107,6 +115,7 @@ def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejec
         run: the run's settings as workers receive them.
         epoch: the server process's epoch.
         pushes_rejected: pushes refused with an error status so far.
+        role, durability: the server's ``Role`` and its ``Replicator`` (or standby ``Follower``), if any.
     """
     progress = engine.progress()
     applied = progress.applied_per_worker
@@ -131,7 +140,21 @@ def server_status(engine, registry, run: pb.RunSpec, *, epoch: str, pushes_rejec
         membership=Membership(run.num_workers, run.max_workers or None, engine.expected(), registry.joins,
                               registry.departures),
         leases=leases,
+        **_replication_view(role, durability, progress.version),
     )
+
+
+def _replication_view(role, durability, version: int) -> dict:
+    if role is None:
+        return {}
+    view = {"role": role.role, "term": role.term, "failovers": role.failovers}
+    if role.role == "standby":
+        following = getattr(durability, "connected", False)
+        view.update(standby_state="following" if following else "disconnected", replicated_version=version,
+                    primary=role.peer)
+    elif durability is not None:
+        view.update(standby_state=durability.state, replicated_version=durability.acked)
+    return view
 
 
 def to_response(status: StatusView, budget_bytes: int) -> pb.StatusResponse:
@@ -153,6 +176,8 @@ def to_response(status: StatusView, budget_bytes: int) -> pb.StatusResponse:
         max_staleness=max(histogram, default=0), staleness_bound=staleness_bound_on_wire(status.staleness_bound),
         pushes_applied=status.pushes_applied, live_workers=status.live_workers,
         departed_workers=status.departed_workers, workers_not_listed=len(workers) - listed + status.not_listed,
+        role=status.role, term=status.term, standby_state=status.standby_state,
+        replicated_version=status.replicated_version, primary=status.primary, failovers=status.failovers,
         **_membership_fields(status),
     )
 
@@ -186,7 +211,9 @@ def from_response(reply: pb.StatusResponse) -> StatusView:
         round_pushes=reply.round_pushes, last_loss=reply.last_loss,
         staleness_histogram={h.staleness: h.count for h in reply.staleness_histogram}, workers=workers,
         live_workers=reply.live_workers, departed_workers=reply.departed_workers,
-        not_listed=reply.workers_not_listed,
+        not_listed=reply.workers_not_listed, role=reply.role or "primary", term=reply.term,
+        standby_state=reply.standby_state or "none", replicated_version=reply.replicated_version,
+        primary=reply.primary, failovers=reply.failovers,
         membership=Membership(reply.min_workers, reply.max_workers or None, reply.round_members, reply.joins,
                               reply.departures) if reply.min_workers else None,
         leases=LeaseView([EpochView(e.epoch, e.done, e.in_pushes, e.leased, e.pending) for e in reply.epochs],

@@ -60,6 +60,9 @@ def page_status(status: StatusView, metrics: ServerMetrics) -> dict:
         "pushes_applied": status.pushes_applied,
         "pushes_dropped": status.pushes_dropped,
         "pushes_rejected": status.pushes_rejected,
+        "replication": {"role": status.role, "term": status.term, "standby": status.standby_state,
+                        "replicated_version": status.replicated_version, "primary": status.primary,
+                        "failovers": status.failovers},
         "last_loss": _finite(status.last_loss),
         "staleness_histogram": [[staleness, count] for staleness, count in sorted(status.staleness_histogram.items())],
         "workers": workers,
@@ -351,6 +354,7 @@ function render(s) {
   document.getElementById("run").textContent =
     `${s.mode}/${s.update} \\u00b7 ${s.workers_expected} worker${s.workers_expected === 1 ? "" : "s"}` +
     ` \\u00b7 staleness bound ${bound}` +
+    ` \\u00b7 ${s.replication.role} (term ${s.replication.term}, standby ${s.replication.standby})` +
     (s.done ? " \\u00b7 DONE" : "");
   document.getElementById("version").textContent = s.version;
   document.getElementById("pushes-per-second").textContent = num(s.pushes_per_second, 2);

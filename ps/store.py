@@ -112,6 +112,19 @@ class ParameterStore:
             self._changed.notify_all()
             return self._version
 
+    def replace_state(self, regions: list[torch.Tensor], version: int,
+                      rule_state: dict[int, dict[str, torch.Tensor]], done: bool) -> None:
+        """Takes over another server's state wholesale (a standby's snapshot of its primary); no reader may hold any."""
+        self.layout.check_regions(regions)
+        with self._changed:
+            if self._readers:
+                raise RuntimeError("cannot replace the state while it is being read")
+            self._regions, self._version, self._done = regions, version, done
+            self.rule_state = {r: dict(s) for r, s in rule_state.items()}
+            self._retired.clear()
+            self._spare = None
+            self._changed.notify_all()
+
     def reclaim(self) -> list[torch.Tensor | None] | None:
         """The regions of an older version that nothing reads any more, for reuse (each set once).
 

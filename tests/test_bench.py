@@ -45,6 +45,16 @@ def test_round_json_reports_positive_times_ratio_and_server_memory():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_round_with_a_standby_reports_the_paired_ratio_and_the_cpu():
+    report = _bench_json("round", "--model", "mlp", "--workers", "2", "--repeats", "2", "--split-rounds", "0",
+                         "--standby")
+    assert report["standby_ratio"] == pytest.approx(report["standby_round_s"] / report["round_s"])
+    assert len(report["standby_samples_s"]) == len(report["round_samples_s"]) == 2
+    assert report["replication_bytes_per_round"] == report["bytes"] and report["cpu_model"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_aggregate_json_reports_positive_times_and_ratio():
     report = _bench_json("aggregate", "--model", "mlp", "--workers", "2", "--repeats", "1")
     for key in ("ratio", "aggregate_s", "copy_s"):

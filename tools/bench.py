@@ -233,11 +233,18 @@ def versus_ddp_cmd(data, model, workers, steps, eval_every, batch_size, image_si
 @click.option("--warmup", default=1, type=click.IntRange(min=0), help="Untimed rounds of each path first.")
 @click.option("--split-rounds", default=2, type=click.IntRange(min=0),
               help="Extra rounds with the pushes and the pulls apart, for the server's CPU per byte of each.")
+@click.option("--standby", is_flag=True,
+              help="Also time the same rounds on a second server followed by a standby (ps-server --standby-for), "
+                   "interleaved: the cost of replication as a ratio to the round without.")
+@click.option("--replicate-in-wire-dtype", is_flag=True,
+              help="Give the servers ps-server's --replicate-in-wire-dtype (updates rounded to --wire-dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def round_cmd(workers, wire_dtype, model, repeats, warmup, split_rounds, as_json):
+def round_cmd(workers, wire_dtype, model, repeats, warmup, split_rounds, standby, replicate_in_wire_dtype,
+              as_json):
     """A full sync round (N pushes, SGD, N pulls) against gloo all_reduce of the same tensor, interleaved."""
     setup_logging("WARNING")
-    result = bench_round.run_round(model, workers, wire_dtype, repeats, warmup, split_rounds)
+    result = bench_round.run_round(model, workers, wire_dtype, repeats, warmup, split_rounds, standby=standby,
+                                   replicate_in_wire_dtype=replicate_in_wire_dtype)
     click.echo(json.dumps(result) if as_json else bench_round.format_round(result))
 
 

@@ -34,8 +34,10 @@ import traceback
 
 import click
 
+from paramhub.tools import versus_ddp
 from paramhub.tools.bench_servers import HOST, NUM_CLASSES, cpu_seconds, paramhub_server, proc_status_kb
 
+STANDBY_GOAL_RATIO = 1.3  # the goal: a sync round with a standby at most 1.3x one without (4 workers, bf16)
 ROUND_GOAL_RATIO = 2.0  # the goal: a sync round at most twice gloo's all_reduce (4 workers, bf16)
 RSS_FIXED_MB = 300.0  # the server's memory budget: model bytes x (optimizer copies + 3) + 300 MB
 START_TIMEOUT_S = 300.0  # N children each import torch (and join, or form the gloo group) on few cores
@@ -245,8 +247,26 @@ class ChildGroup:
 # -- ps-bench round ------------------------------------------------------------------
 
 
-def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warmup: int, split_rounds: int) -> dict:
+def _wait_attached(address: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Waits (bounded) until the primary at ``address`` reports its standby attached."""
+    from paramhub.common.config import Timeouts
+    from paramhub.worker.client import PSClient
+
+    deadline = time.monotonic() + timeout
+    with PSClient(address, Timeouts(rpc=10, connect=30)) as client:
+        while client.status().standby_state != "attached":
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"no standby attached to {address} within {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warmup: int, split_rounds: int,
+              standby: bool = False, replicate_in_wire_dtype: bool = False) -> dict:
     """The interleaved paramhub and gloo rounds; returns the figures as a dict.
+
+    With ``standby`` a second server with a standby (ps-server --standby-for) and its own N
+    workers run the same rounds, interleaved with the others, for the cost of replication;
+    ``replicate_in_wire_dtype`` gives both servers (and the standby) that flag.
 
     Raises:
         click.ClickException: a child did not start, failed, or a round went wrong.
@@ -256,7 +276,8 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     try:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: the groups stop before the server
             server = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
-                                                         rss_file=str(rss_file)))
+                                                         rss_file=str(rss_file),
+                                                         replicate_in_wire_dtype=replicate_in_wire_dtype))
             address = f"{HOST}:{server.wait_ready()}"
             ps_group = stack.enter_context(ChildGroup("paramhub worker", paramhub_worker, workers, (address,)))
             ready = ps_group.wait_ready()
@@ -267,8 +288,21 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
             gloo_group = stack.enter_context(ChildGroup(
                 "gloo rank", gloo_rank, workers, (workers, str(workdir / "gloo-store"), numel)))
             gloo_group.wait_ready()
+            protected_group = None
+            if standby:
+                narrow = {"replicate_in_wire_dtype": replicate_in_wire_dtype}
+                protected = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
+                                                                **narrow))
+                protected_address = f"{HOST}:{protected.wait_ready()}"
+                follower = stack.enter_context(paramhub_server(model_name, workers=workers, wire_dtype=wire_dtype,
+                                                               standby_for=protected_address, **narrow))
+                follower.wait_ready()
+                _wait_attached(protected_address)
+                protected_group = stack.enter_context(ChildGroup("paramhub worker (with standby)", paramhub_worker,
+                                                                 workers, (protected_address,)))
+                protected_group.wait_ready()
 
-            expected = {"version": 0}
+            expected = {"version": 0, "protected": 0}
 
             def paramhub_round(command: str = "round") -> float:
                 seconds, versions = ps_group.run(command)
@@ -278,18 +312,31 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
                                                f"got {versions}")
                 return seconds
 
+            def protected_round() -> float:
+                seconds, versions = protected_group.run("round")
+                expected["protected"] += 1
+                if set(versions) != {expected["protected"]}:
+                    raise click.ClickException(f"expected every worker at version {expected['protected']}, got "
+                                               f"{versions} (with a standby)")
+                return seconds
+
             def gloo_round() -> float:
                 return gloo_group.run("round")[0]
 
             for _ in range(warmup):
                 paramhub_round()
                 gloo_round()
+                if standby:
+                    protected_round()
 
             # The server is idle between rounds, so CPU sampled there belongs to the rounds.
             server_cpu = worker_cpu = 0.0
             round_s: list[float] = []
             gloo_s: list[float] = []
+            standby_s: list[float] = []
             for i in range(repeats):
+                if standby and i % 2:
+                    standby_s.append(protected_round())
                 if i % 2:
                     gloo_s.append(gloo_round())
                 cpu_before, workers_before = cpu_seconds(server.proc.pid), ps_group.cpu_seconds()
@@ -298,6 +345,8 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
                 worker_cpu += ps_group.cpu_seconds() - workers_before
                 if not i % 2:
                     gloo_s.append(gloo_round())
+                if standby and not i % 2:
+                    standby_s.append(protected_round())
 
             # Split rounds: all pushes, then all pulls, for the server's CPU per byte of each phase.
             push_cpu = pull_cpu = push_wall = pull_wall = 0.0
@@ -317,7 +366,19 @@ def run_round(model_name: str, workers: int, wire_dtype: str, repeats: int, warm
     mb = 1024 / 1e6  # /proc's kB are KiB; figures are in MB (1e6 bytes) like the budget above
     moved = workers * wire_nbytes  # payload bytes in each direction of a round, at the server
     split = max(1, split_rounds)
+    paired = {} if not standby else {
+        "standby_round_s": statistics.median(standby_s),
+        "standby_ratio": _median_ratio(standby_s, round_s),
+        "standby_goal_ratio": STANDBY_GOAL_RATIO,
+        "standby_samples_s": standby_s,
+        "standby_pair_ratios": [p / r for p, r in zip(standby_s, round_s)],
+        # the averaged update: in the model's dtypes (fp32), or its PARAM regions in the wire dtype
+        "replication_bytes_per_round": wire_nbytes if replicate_in_wire_dtype else nbytes,
+        "replicate_in_wire_dtype": replicate_in_wire_dtype,
+    }
     return {
+        **paired,
+        "cpu_model": versus_ddp.cpu_model(),
         "ratio": _median_ratio(round_s, gloo_s),
         "round_s": statistics.median(round_s),
         "gloo_s": statistics.median(gloo_s),
@@ -362,6 +423,14 @@ def format_round(r: dict) -> str:
         f"{r['server_runtime_rss_mb']:.0f} MB after imports, {r['server_ready_rss_mb']:.0f} MB when ready)",
         f"  CPU per round: server {r['server_cpu_s_per_round']:.2f} s, each worker {r['worker_cpu_s_per_round']:.2f} s",
     ]
+    if "standby_ratio" in r:
+        verdict = "meets" if r["standby_ratio"] <= r["standby_goal_ratio"] else "misses"
+        lines.append(
+            f"  with a standby (--standby-for, {r['replication_bytes_per_round'] / 1e6:.1f} MB replicated a round): "
+            f"median {r['standby_round_s'] * 1e3:.1f} ms, {r['standby_ratio']:.2f}x the round without ({verdict} "
+            f"the goal of at most {r['standby_goal_ratio']:g}x; per-pair "
+            f"{min(r['standby_pair_ratios']):.2f}-{max(r['standby_pair_ratios']):.2f}x)")
+    lines.append(f"  CPU: {r['cpu_model']}")
     if r["split_rounds"]:
         lines.append(
             f"  split rounds: push phase {r['push_phase_s'] * 1e3:.0f} ms, server "

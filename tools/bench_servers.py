@@ -119,11 +119,17 @@ class ServerProcess:
 
 
 def paramhub_server(model: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int = 1,
-                    wire_dtype: str = "fp32", rss_file: str | None = None) -> ServerProcess:
-    """Starts a PSServer child for ``model`` (sync rounds of ``workers`` pushes; ``rss_file``: see ``paramhub``)."""
+                    wire_dtype: str = "fp32", rss_file: str | None = None,
+                    standby_for: str | None = None, replicate_in_wire_dtype: bool = False) -> ServerProcess:
+    """Starts a PSServer child for ``model`` (sync rounds of ``workers`` pushes; ``rss_file``: see ``paramhub``).
+
+    ``standby_for``: the child is the standby of the PSServer child at that address (ps-server --standby-for).
+    """
     args = ["paramhub", "--model", model, "--chunk-bytes", str(chunk_bytes), "--workers", str(workers),
             "--wire-dtype", wire_dtype]
-    return ServerProcess(args + (["--rss-file", rss_file] if rss_file else []))
+    return ServerProcess(args + (["--rss-file", rss_file] if rss_file else [])
+                         + (["--standby-for", standby_for] if standby_for else [])
+                         + (["--replicate-in-wire-dtype"] if replicate_in_wire_dtype else []))
 
 
 def socket_server(nbytes: int) -> ServerProcess:
@@ -155,7 +161,9 @@ def main():
 @click.option("--workers", default=1, type=click.IntRange(min=1), help="N of a sync round.")
 @click.option("--wire-dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--rss-file", default=None, help="Write the RSS after imports and once ready here (JSON).")
-def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
+@click.option("--standby-for", default=None, help="Follow the PSServer at this address as its standby.")
+@click.option("--replicate-in-wire-dtype", is_flag=True, help="As ps-server's flag.")
+def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file, standby_for, replicate_in_wire_dtype):
     """A PSServer (sync, grad, SGD momentum 0.9) on a free port until stdin closes."""
     keep_freed_memory_resident()
     setup_logging("WARNING")
@@ -168,7 +176,8 @@ def serve_paramhub(model, chunk_bytes, workers, wire_dtype, rss_file):
     timeouts = Timeouts(lease=900, round=ROUND_TIMEOUT_S, pull_wait=30)
     server = PSServer(ServerConfig(host=HOST, port=0, model=model, num_classes=NUM_CLASSES, workers=workers,
                                    mode="sync", update="grad", momentum=0.9, chunk_bytes=chunk_bytes,
-                                   wire_dtype=wire_dtype, timeouts=timeouts),
+                                   wire_dtype=wire_dtype, timeouts=timeouts, standby_for=standby_for,
+                                   replicate_in_wire_dtype=replicate_in_wire_dtype),
                       build=initial_state_in_child)  # as ps-server: no torchvision in this process
     try:
         port = server.start()

@@ -34,6 +34,7 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {})}
         self.server: subprocess.Popen | None = None
+        self.standby: subprocess.Popen | None = None  # a second ps-server (--standby-for), see start_server(name=)
         self.workers: list[subprocess.Popen] = []
         self.evaluator: subprocess.Popen | None = None
         self.port: int | None = None
@@ -48,25 +49,30 @@ class LocalCluster:
         finally:
             log.close()  # the child has its own handle
 
-    def start_server(self, *args: str, port: int = 0, timeout: float = 60.0, wrapper: tuple[str, ...] = ()) -> int:
+    def start_server(self, *args: str, port: int = 0, timeout: float = 60.0, wrapper: tuple[str, ...] = (),
+                     name: str = "server") -> int:
         """Starts ps-server with ``args`` and waits (bounded) until it listens; returns its port.
 
         ``port=0`` lets the server pick a free port; a restart passes the old one.
         Each start appends to the same server log. ``wrapper`` as for ``start_worker``.
+        ``name="standby"`` starts a second server (logged as ``standby``, kept in ``self.standby``).
         """
-        port_file = self.workdir / "server.port"
+        port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        self.server = self._spawn("server", [*wrapper, *_console("ps-server"), "--port", str(port), "--port-file",
-                                             str(port_file), *args])
+        proc = self._spawn(name, [*wrapper, *_console("ps-server"), "--port", str(port), "--port-file",
+                                  str(port_file), *args])
+        setattr(self, name, proc)
         deadline = time.monotonic() + timeout
         while not port_file.exists():
-            if self.server.poll() is not None:
-                raise RuntimeError(f"ps-server exited with {self.server.returncode}:\n{self.read_log('server')}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"ps-server exited with {proc.returncode}:\n{self.read_log(name)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"ps-server did not listen within {timeout}s:\n{self.read_log('server')}")
+                raise TimeoutError(f"ps-server did not listen within {timeout}s:\n{self.read_log(name)}")
             time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        return self.port
+        bound = int(port_file.read_text())
+        if name == "server":
+            self.port = bound
+        return bound
 
     @property
     def address(self) -> str:
@@ -103,7 +109,8 @@ class LocalCluster:
         """Waits for every process to exit (bounded); returns their exit codes by name."""
         deadline = time.monotonic() + timeout
         codes = {}
-        named = [("server", self.server)] + [(f"worker{i}", w) for i, w in enumerate(self.workers)]
+        named = ([("server", self.server), ("standby", self.standby)]
+                 + [(f"worker{i}", w) for i, w in enumerate(self.workers)])
         if self.evaluator is not None:
             named.append(("eval", self.evaluator))
         for name, proc in named:
@@ -121,7 +128,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Kills whatever is still running."""
-        procs = self.workers + [p for p in (self.evaluator, self.server) if p is not None]
+        procs = self.workers + [p for p in (self.evaluator, self.server, self.standby) if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()

@@ -229,13 +229,25 @@ def health(address, service, timeout, **security):
     raise SystemExit(0 if status == "SERVING" else 1)
 
 
+def _replication_line(status: StatusView) -> str:
+    """Primary or standby, the term, and how the standby stands (UNPROTECTED: a primary without one)."""
+    if status.role == "standby":
+        return (f"STANDBY of {status.primary} (term {status.term}, {status.standby_state}, at version "
+                f"{status.replicated_version}): refuses workers until it takes over")
+    standby = {"attached": f"standby attached, acked version {status.replicated_version}",
+               "unprotected": "standby lost: UNPROTECTED", "none": "no standby"}.get(status.standby_state,
+                                                                                     status.standby_state)
+    return f"primary, term {status.term}, {standby}" + (f", {status.failovers} failover(s)" if status.failovers else "")
+
+
 def status_table(status: StatusView) -> str:
     """The server's status as text tables: the run, its workers, the staleness histogram."""
     bound = "unbounded" if status.staleness_bound is None else str(status.staleness_bound)
     lines = [f"version {status.version}  mode {status.mode}/{status.update}  staleness bound {bound}  "
              f"{'DONE' if status.done else 'running'}  epoch {status.epoch}",
              f"pushes applied {status.pushes_applied}, rejected {status.pushes_rejected}; "
-             f"waiting for the next update {status.round_pushes}; last loss {status.last_loss:.4f}", "",
+             f"waiting for the next update {status.round_pushes}; last loss {status.last_loss:.4f}",
+             _replication_line(status), "",
              f"{'id':>3} {'name':<20} {'state':<6} {'applied':>8} {'dropped':>8} {'base':>7} {'loss':>8} {'seen':>7}"]
     for w in status.workers:
         lines.append(f"{w.worker_id:>3} {w.name[:20]:<20} {w.state:<6} "

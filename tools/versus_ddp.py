@@ -339,8 +339,9 @@ def format_table(lines: list[dict], skipped: dict[str, str]) -> str:
         ratio = (f"{line['to_target_s'] / ddp['to_target_s']:.2f}x"
                  if ddp and line["to_target_s"] and ddp["to_target_s"] else "-")
         target = f"{line['to_target_s']:.1f}" if line["to_target_s"] is not None else f"({line['reached_target']})"
-        out.append(f"{line['scenario']:<10} {line['run']:<{width}} {line['final_top1']:>10.3f} {line['best_top1']:>6.3f} "
-                   f"{line['samples_per_s']:>9.1f} {line['wall_s']:>7.1f} {target:>11} {ratio:>7}  "
+        out.append(f"{line['scenario']:<10} {line['run']:<{width}} {line['final_top1']:>10.3f} "
+                   f"{line['best_top1']:>6.3f} {line['samples_per_s']:>9.1f} {line['wall_s']:>7.1f} {target:>11} "
+                   f"{ratio:>7}  "
                    + " ".join(f"{t:.3f}" for t in line["final_top1_per_seed"]))
     for scenario, why in skipped.items():
         out.append(f"{scenario:<10} skipped: {why}")

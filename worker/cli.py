@@ -86,6 +86,9 @@ def _launcher_server(env) -> str | None:
 @click.option("--server", default="127.0.0.1:50051", callback=_addresses, cls=LauncherOption, launcher=_launcher_server,
               help="The server's host:port; for a partitioned server every partition's, comma-separated. "
                    "Else from MASTER_ADDR:MASTER_PORT (torchrun).")
+@click.option("--failover", default="", help="The standby's host:port (ps-server --standby-for): the worker moves "
+              "there when its server is gone or was replaced; for a partitioned server one per partition, "
+              "comma-separated in --server's order.")
 @click.option("--shard", default=0, type=click.IntRange(min=0), cls=LauncherOption, launcher=_launcher_shard,
               help="Which data shard this worker trains. Else from RANK (torchrun) or JOB_COMPLETION_INDEX "
                    "(Kubernetes Indexed Job).")
@@ -117,9 +120,9 @@ def _launcher_server(env) -> str | None:
 @security_options
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", default="text", type=click.Choice(LOG_FORMATS), help="Plain lines, or JSON lines with structured event fields.")
-def main(server, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed, synthetic_size,
-         threads, overlap, loader_workers, sample_log, name, connect_timeout, rpc_timeout, log_every, log_level,
-         log_format, **security):
+def main(server, failover, shard, num_shards, data, epochs, batch_size, image_size, augment, device, seed,
+         synthetic_size, threads, overlap, loader_workers, sample_log, name, connect_timeout, rpc_timeout,
+         log_every, log_level, log_format, **security):
     """Train one data shard: pull the global model, compute, push, until the server says done.
 
     \b
@@ -135,8 +138,12 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
     keep_freed_memory_resident()
     if num_shards is not None and shard >= num_shards:
         raise click.BadParameter(f"must be below --num-shards ({num_shards})", param_hint="--shard")
+    if failover:
+        _addresses(None, None, failover)
+        if len(failover.split(",")) != len(server.split(",")):
+            raise click.BadParameter("give one standby per --server address", param_hint="--failover")
     config = WorkerConfig(
-        server=server, shard=shard, num_shards=num_shards, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size,
+        server=server, failover=failover, shard=shard, num_shards=num_shards, data=data, epochs=epochs, batch_size=batch_size, image_size=image_size,
         augment=augment, device=device, seed=seed, synthetic_size=synthetic_size, loader_workers=loader_workers,
         name=name, log_every=log_every, overlap=overlap, sample_log=sample_log,
         timeouts=dataclasses.replace(Timeouts(), connect=connect_timeout, rpc=rpc_timeout),
@@ -154,7 +161,9 @@ def main(server, shard, num_shards, data, epochs, batch_size, image_size, augmen
     from paramhub.common.security import SecurityError
 
     try:
-        clients = [PSClient(a.strip(), config.timeouts, config.chunk_bytes, config.security) for a in server.split(",")]
+        standbys = [f.strip() for f in failover.split(",")] if failover else [""] * len(server.split(","))
+        clients = [PSClient(a.strip(), config.timeouts, config.chunk_bytes, config.security, failover=f)
+                   for a, f in zip(server.split(","), standbys)]
         client = clients[0] if len(clients) == 1 else PartitionedClient(clients)
     except SecurityError as exc:
         raise click.ClickException(str(exc)) from None

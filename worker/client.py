@@ -51,6 +51,10 @@ class ServerRestarted(ConnectionError):
     """The server restarted (new epoch) or no longer knows this worker: join again."""
 
 
+class Fenced(ConnectionError):
+    """A reply of a lower term than one already seen: that server was replaced by its standby."""
+
+
 class RunFailed(RuntimeError):
     """The server refused a call for a reason retrying cannot fix."""
 
@@ -97,15 +101,38 @@ class PSClient:
         timeouts: deadlines and the retry budget (``timeouts.connect``).
         chunk_bytes: payload bytes per chunk pushed (capped by the server's limit).
         security: TLS files and/or the shared token.
+        failover: the standby's ``host:port`` (ps-server --standby-for), or "" for none. With one, a
+            server unreachable for ``switch_after`` seconds, a standby's refusal, or a reply of a lower
+            term than one seen (a fenced server) moves the client to the other address: it joins there
+            with the same incarnation and retries the call in flight (a push with its sequence, which
+            the standby deduplicates), within the same ``timeouts.connect`` budget.
+        switch_after: seconds of UNAVAILABLE from one address before trying the other.
     """
 
     def __init__(self, address: str, timeouts: Timeouts = Timeouts(), chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 security: Security = Security()):
+                 security: Security = Security(), failover: str = "", switch_after: float = 2.0):
         self.address = address
+        self.failover = failover
+        self.switch_after = switch_after
         self.timeouts = timeouts
         self.chunk_bytes = chunk_bytes
+        self._security = security
+        self._connect(address)
+        self.info: JoinInfo | None = None
+        self.max_term = 0  # the highest term any server answered with
+        self.failovers = 0  # address switches so far
+        self._joined_address = ""  # where ``info`` was obtained
+        self.last_min_version = 0  # the min_version the last pull asked, after a failover's resync
+        self._shard, self._observer = -1, False  # as the last join gave them (a failover joins with them again)
+        self._sequence = 0
+        self._encoder: codecs.PushEncoder | None = None  # the run's codec, with its state (residuals)
+        # The wire layout's buffer a bf16/fp16 pull lands in, reused: a fresh one per pull made the
+        # kernel hand out and zero the pages again each time.
+        self._pull_buffers: dict[str, list] = {}
+
+    def _connect(self, address: str) -> None:
         max_message = 64 << 20
-        self._channel = secure_channel(address, security, options=CHANNEL_OPTIONS + [
+        self._channel = secure_channel(address, self._security, options=CHANNEL_OPTIONS + [
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
         ])
@@ -116,12 +143,42 @@ class PSClient:
         self._push = self._channel.stream_unary(
             _SERVICE + "Push", request_serializer=codec.encode_message,
             response_deserializer=pb.PushResponse.FromString)
-        self.info: JoinInfo | None = None
-        self._sequence = 0
-        self._encoder: codecs.PushEncoder | None = None  # the run's codec, with its state (residuals)
-        # The wire layout's buffer a bf16/fp16 pull lands in, reused: a fresh one per pull made the
-        # kernel hand out and zero the pages again each time.
-        self._pull_buffers: dict[str, list] = {}
+
+    def _switch(self, why: str) -> None:
+        """Moves to the other address (the standby, or back); the next call joins there first."""
+        old, self.address, self.failover = self.address, self.failover, self.address
+        self._channel.close()
+        self._connect(self.address)
+        self.failovers += 1
+        log.warning("server %s: %s; moving to %s", old, why, self.address,
+                    extra={"event": "worker_failover", "from": old, "to": self.address})
+
+    def _observe_term(self, term: int) -> None:
+        """Raises Fenced for a reply of a term lower than one seen (its server was replaced)."""
+        if term and term < self.max_term:
+            raise Fenced(f"the server at {self.address} answers with term {term}, but term {self.max_term} was "
+                         "seen: it was replaced by its standby")
+        self.max_term = max(self.max_term, term)
+
+    def _join_here(self) -> None:
+        """After a switch: joins the new address with the same name and incarnation (one attempt).
+
+        The sequence and the codec's state are kept: the push in flight is retried as it was.
+        """
+        if self.info is None or self._joined_address == self.address:
+            return
+        info = self.info
+        request = pb.JoinRequest(worker_name=info.name, incarnation=info.incarnation, shard=self._shard,
+                                 observer=self._observer)
+        reply = self._stub.Join(request, timeout=self.timeouts.rpc)
+        self._observe_term(reply.term)
+        if Layout.from_proto(reply.layout).hash != info.layout.hash:
+            raise RunFailed(f"the server at {self.address} has a different model layout")
+        self.info = dataclasses.replace(info, worker_id=reply.worker_id, version=reply.version,
+                                        server_epoch=reply.server_epoch, run=reply.run)
+        self._joined_address = self.address
+        log.warning("joined %s as id %d at version %d (term %d)", self.address, reply.worker_id, reply.version,
+                    reply.term, extra={"event": "worker_rejoined", "server": self.address, "version": reply.version})
 
     def close(self) -> None:
         """Closes the channel."""
@@ -143,14 +200,27 @@ class PSClient:
         The waits are jittered, so workers refused together do not retry together.
         """
         deadline = time.monotonic() + self.timeouts.connect
+        here_since = time.monotonic()
         delay = 0.1
         while True:
             try:
+                self._join_here()
                 return call()
+            except Fenced as exc:
+                if not self.failover or time.monotonic() > deadline:
+                    raise RunFailed(str(exc)) from None
+                self._switch(str(exc))
+                here_since, delay = time.monotonic(), 0.1
+                continue
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.NOT_FOUND and self.info is not None:
                     raise ServerRestarted(f"the server at {self.address} no longer knows this worker") from None
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                if self.failover and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and (
+                        time.monotonic() - here_since >= self.switch_after or "is a standby" in (details or "")):
+                    self._switch(f"unavailable for {time.monotonic() - here_since:.1f}s ({details})")
+                    here_since, delay = time.monotonic(), 0.1
                 # UNAVAILABLE: not reachable (yet, or restarting); CANCELLED: a server shutting down
                 # cancels the calls still in flight. Both are safe to retry: these calls are idempotent
                 # or deduplicated. RESOURCE_EXHAUSTED is final (a message too big) unless the server
@@ -176,7 +246,15 @@ class PSClient:
         """Registers with the server and learns the model, layout and run settings."""
         incarnation = time.time_ns() if incarnation is None else incarnation
         request = pb.JoinRequest(worker_name=name, incarnation=incarnation, observer=observer, shard=shard)
-        reply = self._retrying("join", lambda: self._stub.Join(request, timeout=self.timeouts.rpc))
+        self._shard, self._observer = shard, observer
+
+        def attempt() -> pb.JoinResponse:
+            reply = self._stub.Join(request, timeout=self.timeouts.rpc)
+            self._observe_term(reply.term)
+            return reply
+
+        reply = self._retrying("join", attempt)
+        self._joined_address = self.address
         self.info = JoinInfo(
             worker_id=reply.worker_id, incarnation=incarnation, model=reply.model, name=name,
             layout=Layout.from_proto(reply.layout), run=reply.run, version=reply.version,
@@ -210,16 +288,24 @@ class PSClient:
         header then lists this worker's leases, header-only replies too.
         """
         info = self._joined()
-        request = pb.PullRequest(worker_id=info.worker_id, min_version=min_version, layout_hash=info.layout.hash,
-                                 **(leases or {}))
         wire = info.wire_layout
-        if wire is info.layout:
-            return self._retrying("pull", lambda: self._pull_once(request, regions, info.layout))
-        if wire.hash not in self._pull_buffers:
+        if wire is not info.layout and wire.hash not in self._pull_buffers:
             self._pull_buffers[wire.hash] = wire.empty_regions()
-        received = self._pull_buffers[wire.hash]
-        header = self._retrying("pull", lambda: self._pull_once(request, received, wire))
-        if header.version >= min_version:
+        received = regions if wire is info.layout else self._pull_buffers[wire.hash]
+        asked = [min_version]
+        failovers = self.failovers
+
+        def attempt() -> pb.PullHeader:
+            # after a failover during this pull the new server may never reach min_version (a round it
+            # never saw): carry on from its version
+            asked[0] = min_version if self.failovers == failovers else min(min_version, self.info.version)
+            request = pb.PullRequest(worker_id=self.info.worker_id, min_version=asked[0],
+                                     layout_hash=info.layout.hash, **(leases or {}))
+            return self._pull_once(request, received, wire)
+
+        header = self._retrying("pull", attempt)
+        self.last_min_version = asked[0]
+        if wire is not info.layout and header.version >= asked[0]:
             for dst, src in zip(regions, received):
                 dst.copy_(src)  # back to the model's dtypes
         return header
@@ -238,6 +324,7 @@ class PSClient:
         if not isinstance(header, pb.PullHeader):
             raise RunFailed(f"server sent a malformed pull stream: {header}")
         self._check_epoch(header.server_epoch)
+        self._observe_term(header.term)
         if header.version < request.min_version:
             stream.cancel()
             return header
@@ -253,7 +340,7 @@ class PSClient:
         """Pulls, polling until the version reaches ``min_version`` or the run is done."""
         while True:
             header = self.pull(regions, min_version)
-            if header.version >= min_version or header.done:
+            if header.version >= self.last_min_version or header.done:
                 return header
 
     def push(self, kind: int, base_version: int, regions: list, num_samples: int, loss: float,
@@ -272,22 +359,32 @@ class PSClient:
         self._sequence += 1
         encoder = self._encoder if not dry_run else self._new_encoder(info)
         encoded = encoder.encode(regions)
-        header = pb.PushHeader(
-            worker_id=info.worker_id, incarnation=info.incarnation, sequence=self._sequence,
-            base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
-            loss=loss, dry_run=dry_run, sparse=encoded.sparse, keeps_base=keeps_base,
-            sparse_values=encoded.sparse_values, codec=encoded.codec,
-            trained=[pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in trained],
-        )
-        if announce is not None:
-            announce(header)
+        sequence = self._sequence
+        trained_ranges = [pb.DataRange(epoch=s.epoch, start=s.start, end=s.end) for s in trained]
+
+        def header() -> pb.PushHeader:
+            # the worker id of this attempt's server (a failover may join under another id); the same sequence
+            return pb.PushHeader(
+                worker_id=self.info.worker_id, incarnation=info.incarnation, sequence=sequence,
+                base_version=base_version, kind=kind, layout_hash=info.layout.hash, num_samples=num_samples,
+                loss=loss, dry_run=dry_run, sparse=encoded.sparse, keeps_base=keeps_base,
+                sparse_values=encoded.sparse_values, codec=encoded.codec, trained=trained_ranges,
+            )
 
         def messages() -> Iterator[object]:
-            yield pb.PushMessage(header=header)
+            yield pb.PushMessage(header=header())
             yield from encoded.messages()
 
+        if announce is not None:
+            announce(header())
+
+        def attempt() -> pb.PushResponse:
+            reply = self._push(messages(), timeout=deadline)
+            self._observe_term(reply.term)
+            return reply
+
         deadline = self.timeouts.transfer + info.run.max_push_wait_s  # SSP may hold a push back
-        reply = self._retrying("push", lambda: self._push(messages(), timeout=deadline))
+        reply = self._retrying("push", attempt)
         self._check_epoch(reply.server_epoch)
         return reply
 
@@ -297,6 +394,7 @@ class PSClient:
         request = pb.HeartbeatRequest(worker_id=info.worker_id, incarnation=info.incarnation)
         reply = self._stub.Heartbeat(request, timeout=self.timeouts.rpc)
         self._check_epoch(reply.server_epoch)
+        self._observe_term(reply.term)
         return reply
 
     def leave(self) -> None:

@@ -33,6 +33,13 @@ class PushOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_OUTCOME_ACCEPTED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_DROPPED: _ClassVar[PushOutcome]
     PUSH_OUTCOME_VALIDATED: _ClassVar[PushOutcome]
+
+class ReplicaKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_KIND_UNSPECIFIED: _ClassVar[ReplicaKind]
+    REPLICA_KIND_SNAPSHOT: _ClassVar[ReplicaKind]
+    REPLICA_KIND_UPDATE: _ClassVar[ReplicaKind]
+    REPLICA_KIND_HEARTBEAT: _ClassVar[ReplicaKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -48,6 +55,10 @@ PUSH_OUTCOME_UNSPECIFIED: PushOutcome
 PUSH_OUTCOME_ACCEPTED: PushOutcome
 PUSH_OUTCOME_DROPPED: PushOutcome
 PUSH_OUTCOME_VALIDATED: PushOutcome
+REPLICA_KIND_UNSPECIFIED: ReplicaKind
+REPLICA_KIND_SNAPSHOT: ReplicaKind
+REPLICA_KIND_UPDATE: ReplicaKind
+REPLICA_KIND_HEARTBEAT: ReplicaKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "region", "offset", "role")
@@ -146,7 +157,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("worker_id", "model", "layout", "version", "run", "server_epoch", "max_chunk_bytes", "frozen_layout")
+    __slots__ = ("worker_id", "model", "layout", "version", "run", "server_epoch", "max_chunk_bytes", "frozen_layout", "term")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +166,7 @@ class JoinResponse(_message.Message):
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     FROZEN_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     model: ModelSpec
     layout: Layout
@@ -163,7 +175,8 @@ class JoinResponse(_message.Message):
     server_epoch: str
     max_chunk_bytes: int
     frozen_layout: Layout
-    def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., frozen_layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
+    term: int
+    def __init__(self, worker_id: _Optional[int] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., version: _Optional[int] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., server_epoch: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., frozen_layout: _Optional[_Union[Layout, _Mapping]] = ..., term: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("worker_id", "min_version", "layout_hash", "frozen", "dataset_samples", "dataset_fingerprint", "lease_samples_wanted")
@@ -184,18 +197,20 @@ class PullRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., min_version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., frozen: _Optional[bool] = ..., dataset_samples: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., lease_samples_wanted: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "layout_hash", "done", "server_epoch", "leases")
+    __slots__ = ("version", "layout_hash", "done", "server_epoch", "leases", "term")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
     version: int
     layout_hash: str
     done: bool
     server_epoch: str
     leases: _containers.RepeatedCompositeFieldContainer[DataRange]
-    def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., leases: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ...) -> None: ...
+    term: int
+    def __init__(self, version: _Optional[int] = ..., layout_hash: _Optional[str] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., leases: _Optional[_Iterable[_Union[DataRange, _Mapping]]] = ..., term: _Optional[int] = ...) -> None: ...
 
 class DataRange(_message.Message):
     __slots__ = ("epoch", "start", "end")
@@ -268,20 +283,22 @@ class PushMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("outcome", "version", "next_version", "done", "server_epoch", "base_kept")
+    __slots__ = ("outcome", "version", "next_version", "done", "server_epoch", "base_kept", "term")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     BASE_KEPT_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
     outcome: PushOutcome
     version: int
     next_version: int
     done: bool
     server_epoch: str
     base_kept: bool
-    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., next_version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., base_kept: _Optional[bool] = ...) -> None: ...
+    term: int
+    def __init__(self, outcome: _Optional[_Union[PushOutcome, str]] = ..., version: _Optional[int] = ..., next_version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., base_kept: _Optional[bool] = ..., term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "incarnation")
@@ -292,14 +309,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("version", "done", "server_epoch")
+    __slots__ = ("version", "done", "server_epoch", "term")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SERVER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
     version: int
     done: bool
     server_epoch: str
-    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ...) -> None: ...
+    term: int
+    def __init__(self, version: _Optional[int] = ..., done: _Optional[bool] = ..., server_epoch: _Optional[str] = ..., term: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id", "incarnation")
@@ -352,7 +371,7 @@ class StalenessCount(_message.Message):
     def __init__(self, staleness: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied", "live_workers", "departed_workers", "workers_not_listed", "min_workers", "max_workers", "round_members", "epochs", "epochs_completed", "joins", "departures", "leases_reassigned")
+    __slots__ = ("version", "mode", "update", "done", "workers", "round_pushes", "pushes_rejected", "server_epoch", "last_loss", "staleness_histogram", "max_staleness", "staleness_bound", "pushes_applied", "live_workers", "departed_workers", "workers_not_listed", "min_workers", "max_workers", "round_members", "epochs", "epochs_completed", "joins", "departures", "leases_reassigned", "role", "term", "standby_state", "replicated_version", "primary", "failovers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +396,12 @@ class StatusResponse(_message.Message):
     JOINS_FIELD_NUMBER: _ClassVar[int]
     DEPARTURES_FIELD_NUMBER: _ClassVar[int]
     LEASES_REASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICATED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     version: int
     mode: str
     update: str
@@ -401,7 +426,13 @@ class StatusResponse(_message.Message):
     joins: int
     departures: int
     leases_reassigned: int
-    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., live_workers: _Optional[int] = ..., departed_workers: _Optional[int] = ..., workers_not_listed: _Optional[int] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., round_members: _Optional[int] = ..., epochs: _Optional[_Iterable[_Union[EpochLeases, _Mapping]]] = ..., epochs_completed: _Optional[int] = ..., joins: _Optional[int] = ..., departures: _Optional[int] = ..., leases_reassigned: _Optional[int] = ...) -> None: ...
+    role: str
+    term: int
+    standby_state: str
+    replicated_version: int
+    primary: str
+    failovers: int
+    def __init__(self, version: _Optional[int] = ..., mode: _Optional[str] = ..., update: _Optional[str] = ..., done: _Optional[bool] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., round_pushes: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., server_epoch: _Optional[str] = ..., last_loss: _Optional[float] = ..., staleness_histogram: _Optional[_Iterable[_Union[StalenessCount, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., staleness_bound: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., live_workers: _Optional[int] = ..., departed_workers: _Optional[int] = ..., workers_not_listed: _Optional[int] = ..., min_workers: _Optional[int] = ..., max_workers: _Optional[int] = ..., round_members: _Optional[int] = ..., epochs: _Optional[_Iterable[_Union[EpochLeases, _Mapping]]] = ..., epochs_completed: _Optional[int] = ..., joins: _Optional[int] = ..., departures: _Optional[int] = ..., leases_reassigned: _Optional[int] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., standby_state: _Optional[str] = ..., replicated_version: _Optional[int] = ..., primary: _Optional[str] = ..., failovers: _Optional[int] = ...) -> None: ...
 
 class EpochLeases(_message.Message):
     __slots__ = ("epoch", "done", "in_pushes", "leased", "pending")
@@ -416,3 +447,49 @@ class EpochLeases(_message.Message):
     leased: int
     pending: int
     def __init__(self, epoch: _Optional[int] = ..., done: _Optional[int] = ..., in_pushes: _Optional[int] = ..., leased: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+
+class ReplicaAck(_message.Message):
+    __slots__ = ("version", "standby_address", "term")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    standby_address: str
+    term: int
+    def __init__(self, version: _Optional[int] = ..., standby_address: _Optional[str] = ..., term: _Optional[int] = ...) -> None: ...
+
+class ReplicaHeader(_message.Message):
+    __slots__ = ("kind", "version", "term", "meta", "payload_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: ReplicaKind
+    version: int
+    term: int
+    meta: str
+    payload_bytes: int
+    def __init__(self, kind: _Optional[_Union[ReplicaKind, str]] = ..., version: _Optional[int] = ..., term: _Optional[int] = ..., meta: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class ReplicaMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ReplicaHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[ReplicaHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class TermRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TermResponse(_message.Message):
+    __slots__ = ("term", "role", "version")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    term: int
+    role: str
+    version: int
+    def __init__(self, term: _Optional[int] = ..., role: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

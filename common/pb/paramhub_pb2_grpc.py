@@ -375,3 +375,155 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReplicationStub:
+    """== Replication (ps-server --standby-for) ==
+
+    A standby dials its primary's Follow. The primary sends a SNAPSHOT (the same
+    cut a checkpoint takes: weights, optimizer state, ledger, workers, the push
+    dedup memory), then one UPDATE per published version: what the update rule
+    consumed (the averaged PARAM update after its share, the BUFFER means), the
+    ledger entries and the dedup replies of the pushes in it. The standby applies
+    the same rule to the same inputs, so it ends with bitwise the same state, and
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
+    into the payload that ReplicaHeader.payload_bytes announces).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Follow = channel.stream_stream(
+                '/paramhub.v1.Replication/Follow',
+                request_serializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaAck.SerializeToString,
+                response_deserializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaMessage.FromString,
+                _registered_method=True)
+        self.Term = channel.unary_unary(
+                '/paramhub.v1.Replication/Term',
+                request_serializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermRequest.SerializeToString,
+                response_deserializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicationServicer:
+    """== Replication (ps-server --standby-for) ==
+
+    A standby dials its primary's Follow. The primary sends a SNAPSHOT (the same
+    cut a checkpoint takes: weights, optimizer state, ledger, workers, the push
+    dedup memory), then one UPDATE per published version: what the update rule
+    consumed (the averaged PARAM update after its share, the BUFFER means), the
+    ledger entries and the dedup replies of the pushes in it. The standby applies
+    the same rule to the same inputs, so it ends with bitwise the same state, and
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
+    into the payload that ReplicaHeader.payload_bytes announces).
+    """
+
+    def Follow(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Term(self, request, context):
+        """The term and role of this server: a restarting primary asks its old standby.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Follow': grpc.stream_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaAck.FromString,
+                    response_serializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaMessage.SerializeToString,
+            ),
+            'Term': grpc.unary_unary_rpc_method_handler(
+                    servicer.Term,
+                    request_deserializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermRequest.FromString,
+                    response_serializer=paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'paramhub.v1.Replication', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('paramhub.v1.Replication', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replication:
+    """== Replication (ps-server --standby-for) ==
+
+    A standby dials its primary's Follow. The primary sends a SNAPSHOT (the same
+    cut a checkpoint takes: weights, optimizer state, ledger, workers, the push
+    dedup memory), then one UPDATE per published version: what the update rule
+    consumed (the averaged PARAM update after its share, the BUFFER means), the
+    ledger entries and the dedup replies of the pushes in it. The standby applies
+    the same rule to the same inputs, so it ends with bitwise the same state, and
+    acks each version; workers learn of a version (a pull's last chunk, an async
+    reply) only once it was acked. HEARTBEATs keep the stream alive and carry the registry.
+    Every payload travels as chunks (TensorChunk.region 0, offset = byte offset
+    into the payload that ReplicaHeader.payload_bytes announces).
+    """
+
+    @staticmethod
+    def Follow(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/paramhub.v1.Replication/Follow',
+            paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaAck.SerializeToString,
+            paramhub_dot_common_dot_pb_dot_paramhub__pb2.ReplicaMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Term(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramhub.v1.Replication/Term',
+            paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermRequest.SerializeToString,
+            paramhub_dot_common_dot_pb_dot_paramhub__pb2.TermResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
