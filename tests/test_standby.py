@@ -277,3 +277,36 @@ def test_the_worker_wants_one_standby_per_server_address_and_the_server_a_bounde
     assert result.exit_code == 2 and "one standby per --server address" in result.output
     with pytest.raises(ValueError, match="--failover-after"):
         ServerConfig(failover_after=0)
+
+
+def test_a_promoted_standby_continues_the_epochs_of_data_leases_exactly(start_server):
+    """The done positions ride with each replicated update: after a failover the standby leases out exactly
+    the positions its primary had not applied, and the epoch ends with every position done once."""
+    from paramhub.common.leases import Span
+    from paramhub.worker.client import PSClient
+
+    primary, standby = start_pair(start_server, mode="async", workers=1, failover_after=1.0, data_leases=True,
+                                  lease_size=4, epochs=1)
+    ask = {"dataset_samples": 12, "dataset_fingerprint": "fp", "lease_samples_wanted": 4}
+    client = PSClient(f"127.0.0.1:{primary.port}", fast_timeouts(connect=20), failover=f"127.0.0.1:{standby.port}",
+                      switch_after=0.5)
+    try:
+        client.join(name="w")
+        regions = client.info.layout.empty_regions()
+        trained = []
+        for step in range(2):  # positions 0..3, then 4..7, applied and replicated
+            header = client.pull(regions, step, leases=ask)
+            spans = [Span(r.epoch, r.start, r.end) for r in header.leases]
+            client.push(GRAD, step, gradient(client, step), 4, 0.1, trained=spans)
+            trained += spans
+        wait_for(lambda: standby.store.version == 2, 10, "replicated")
+        assert [(e.done, e.pending) for e in standby.engine.leases.summary()] == [(8, 4)]
+        primary.shutdown(grace=0)
+        header = client.pull(regions, 2, leases=ask)  # on the promoted standby
+        assert client.address == f"127.0.0.1:{standby.port}"
+        assert [(r.epoch, r.start, r.end) for r in header.leases] == [(0, 8, 12)]  # only what was not applied
+        client.push(GRAD, 2, gradient(client, 2), 4, 0.1, trained=[Span(0, 8, 12)])
+        wait_for(lambda: standby.store.done, 10, "the epoch complete on the standby")
+        assert standby.engine.leases.completed == 1
+    finally:
+        client.close()
