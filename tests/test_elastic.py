@@ -9,6 +9,9 @@ by anything refused.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import pytest
 import torch
@@ -290,3 +293,34 @@ def test_ps_ctl_status_prints_membership_and_leases(start_server, connect):
     assert "membership: a round waits for 2; at least 2 to start, at most any number of at once; 1 joins" in text
     assert "data leases: 0 epoch(s) complete, 0 leased samples given back by departures" in text
     assert text.splitlines()[-1].split() == ["0", "0", "0", "4", "6"]
+
+
+def test_a_trainer_waiting_for_its_round_does_not_train_the_same_version_twice(start_server, connect):
+    """Sync under leases: the other worker is slower than --pull-wait, so the trainer's pull for the next
+    version comes back header only, with leases; it must pull again, not push a second time for the round."""
+    from conftest import fast_timeouts, train_in_threads
+    from paramhub.common.config import WorkerConfig
+    from paramhub.common.data import leased_dataset
+
+    server = start_server(workers=2, mode="sync", data_leases=True, lease_size=4, epochs=1,
+                          timeouts=fast_timeouts(pull_wait=0.5))
+    _, fingerprint = leased_dataset("synthetic", num_classes=4, image_size=8, synthetic_size=16)
+    slow = connect(server.port)
+    slow.join("slow")
+    header = pull(slow, ask(samples=16, wanted=4, fingerprint=fingerprint))
+
+    def push_late():  # after the trainer's pull for version 1 has come back header only a few times
+        wait_for(lambda: server.engine.round_pushes == 1, 30, "the trainer's push for round 0")
+        time.sleep(2)  # the scenario itself: a worker slower than --pull-wait, not a wait for a condition
+        push(slow, 0, spans(header, 4))
+        slow.leave()
+
+    late = threading.Thread(target=push_late, daemon=True)
+    late.start()
+    config = WorkerConfig(server=f"127.0.0.1:{server.port}", data="synthetic", synthetic_size=16, image_size=8,
+                          batch_size=4, log_every=0, name="trainer", timeouts=fast_timeouts())
+    summary = train_in_threads(config, 1)[0]
+    late.join(timeout=10)
+    assert server.store.done and server.engine.leases.completed == 1
+    assert summary.pushes_accepted == 3  # 12 of the 16 samples, 4 a push; the slow worker trained 4
+    assert server.servicer.pushes_rejected == 0

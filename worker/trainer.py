@@ -256,6 +256,7 @@ class _Session:
     push_regions: list[torch.Tensor]  # every region of a push: the update's PARAM regions, the buffers
     leased: LeasedBatches | None = None  # data leases: batches come from the positions the server leases
     sample_log: SampleLog | None = None  # --sample-log: every push's samples, for checking exactly-once
+    idle: bool = False  # data leases: the last step found nothing leased (we hold the server's version, unpushed)
 
     @property
     def on_cuda(self) -> bool:
@@ -419,18 +420,21 @@ class Trainer:
         """``_step`` under data leases: the pull brings the leases, the push names the positions it trained on.
 
         After an idle step (nothing leased) ``version`` is one past the weights we
-        hold, and a header-only reply that brings leases is trained on those weights.
+        hold, and a header-only reply that brings leases is trained on those weights:
+        nothing of ours was pushed from them. Otherwise a header-only reply (the
+        server's wait ended first) is pulled again, as ``wait_and_pull`` does.
         """
         leased = session.leased
         while True:
             header = client.pull(session.wire_regions, version, leases=leased.request())
             if header.done or header.version >= version:
                 break
-            if header.leases and header.version == version - 1:
+            if session.idle and header.leases and header.version == version - 1:
                 break  # leases for the weights we already hold
         if header.done:
             return _Step(header.version)
         spans = leased.plan(header.leases)
+        session.idle = not spans
         if not spans:
             return _Step(header.version, idle=True)
         if session.on_cuda:
