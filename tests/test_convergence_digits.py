@@ -17,8 +17,10 @@ statistics not applied — and each must fail at least one criterion. (A doubled
 alone can still reach the threshold: DDP at lr 0.02 did. The trajectory catches it.)
 The three that change the weights' update leave DDP's trajectory from the first steps, so
 they train SHORT_STEPS only and are held to the trajectory criterion at that version, which
-the correct server's own version SHORT_STEPS must meet; the BatchNorm one stays on DDP's
-trajectory (only its statistics are wrong), so it trains all STEPS and is held to top-1.
+the correct server's own version SHORT_STEPS must meet. The BatchNorm one stays on DDP's
+trajectory (only its statistics are wrong) and is caught by top-1 alone: it trains
+BATCHNORM_STEPS and is held to BATCHNORM_BOUND, which the correct server's version
+BATCHNORM_STEPS must reach.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ TRAJECTORY_TOLERANCE = 0.01
 # the first two, chance), so at SHORT_STEPS the trajectory alone must reject them. 10 steps instead of 80 for
 # each: the test took 102 s instead of 172 s (call, 2-core Xeon).
 SHORT_STEPS = 10
+# Held-out top-1 after 60 steps: DDP 0.894, 0.866, 0.897 for seeds 0-2 (BENCHMARKS.md), this test's correct
+# server 0.911 (DDP's rank 0 0.908); without the BatchNorm statistics 0.10 (chance) after 60 and after 80 steps.
+# A bound halfway leaves 0.37 either side; at 40 steps seed 1 is at 0.42, too early. 60 steps instead of 80.
+BATCHNORM_STEPS, BATCHNORM_BOUND = 60, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +115,7 @@ class Reference:
     """DDP's run from the server's initial weights."""
 
     initial: dict
-    final: dict  # after STEPS steps
-    short: dict  # after SHORT_STEPS steps
+    after: dict  # {steps: state} for STEPS, SHORT_STEPS and BATCHNORM_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +130,8 @@ def ddp(digits, tmp_path_factory) -> Reference:
     launch(DDPSpec(arch="resnet18", num_classes=10, data=str(digits[0]), image_size=IMAGE, batch_size=BATCH,
                    steps=STEPS, lr=LR, momentum=MOMENTUM, augment="none", init=str(work / "init.safetensors"),
                    out=str(work / "out"), world_size=WORKERS, threads=1, save_every=SHORT_STEPS), timeout=600)
-    model = lambda step: load_file(work / "out" / f"model-{step:06d}.safetensors")  # noqa: E731
-    return Reference(initial, model(STEPS), model(SHORT_STEPS))
+    return Reference(initial, {step: load_file(work / "out" / f"model-{step:06d}.safetensors")
+                               for step in (STEPS, SHORT_STEPS, BATCHNORM_STEPS)})
 
 
 def off_trajectory(state: dict, initial: dict, reference: dict, params) -> float:
@@ -136,14 +141,15 @@ def off_trajectory(state: dict, initial: dict, reference: dict, params) -> float
     return float(apart / travelled)
 
 
-def record_version(server, version: int) -> dict:
-    """Wraps the store's publish: the returned dict gets a copy of the full state of ``version`` when published."""
+def record_versions(server, *versions: int) -> dict[int, dict]:
+    """Wraps the store's publish: the returned dict gets a copy of the full state of each of ``versions``, by
+    version, as it is published."""
     recorded, publish = {}, server.store.publish
 
     def spy(regions):
         published = publish(regions)
-        if published == version:
-            recorded.update({k: v.clone() for k, v in server.model_state(regions).items()})
+        if published in versions:
+            recorded[published] = {k: v.clone() for k, v in server.model_state(regions).items()}
         return published
 
     server.store.publish = spy
@@ -189,15 +195,17 @@ def without_batchnorm_statistics(server) -> None:
 def test_sync_grad_reaches_ddp_and_broken_servers_do_not(start_server, digits, ddp, monkeypatch):
     server = start(start_server)
     params = [t.name for t in server.layout.tensors if t.role == PARAM]
-    correct_short = record_version(server, SHORT_STEPS)
+    correct_at = record_versions(server, SHORT_STEPS, BATCHNORM_STEPS)
     correct = run_workers(server, digits)
-    correct_off = off_trajectory(correct.state, ddp.initial, ddp.final, params)
+    correct_off = off_trajectory(correct.state, ddp.initial, ddp.after[STEPS], params)
     assert correct.top1 >= THRESHOLD, f"sync-grad reached {correct.top1:.3f}, DDP's threshold is {THRESHOLD}"
     assert correct_off <= TRAJECTORY_TOLERANCE
-    assert correct.top1 == pytest.approx(held_out_top1(ddp.final, *digits[1:]), abs=0.02)
-    # the criterion the short broken runs are held to, met by the correct server at the same version
-    correct_short_off = off_trajectory(correct_short, ddp.initial, ddp.short, params)
+    assert correct.top1 == pytest.approx(held_out_top1(ddp.after[STEPS], *digits[1:]), abs=0.02)
+    # the criteria the shorter broken runs are held to, met by the correct server at the same versions
+    correct_short_off = off_trajectory(correct_at[SHORT_STEPS], ddp.initial, ddp.after[SHORT_STEPS], params)
     assert correct_short_off <= TRAJECTORY_TOLERANCE
+    correct_batchnorm_top1 = held_out_top1(correct_at[BATCHNORM_STEPS], *digits[1:])
+    assert correct_batchnorm_top1 >= BATCHNORM_BOUND, f"step {BATCHNORM_STEPS}: {correct_batchnorm_top1:.3f}"
 
     short = {}  # (top-1, off trajectory) after SHORT_STEPS
     broken_rule(monkeypatch, Twice)
@@ -206,20 +214,21 @@ def test_sync_grad_reaches_ddp_and_broken_servers_do_not(start_server, digits, d
     short["summed instead of averaged"] = run_workers(start(start_server, max_steps=SHORT_STEPS), digits)
     monkeypatch.undo()
     short["momentum dropped"] = run_workers(start(start_server, momentum=0.0, max_steps=SHORT_STEPS), digits)
-    short_report = {name: (round(o.top1, 3), round(off_trajectory(o.state, ddp.initial, ddp.short, params), 3))
+    short_report = {name: (round(o.top1, 3), round(off_trajectory(o.state, ddp.initial, ddp.after[SHORT_STEPS],
+                                                                  params), 3))
                     for name, o in short.items()}
 
-    server = start(start_server)
+    server = start(start_server, max_steps=BATCHNORM_STEPS)
     without_batchnorm_statistics(server)
     no_statistics = run_workers(server, digits)
-    no_statistics_report = (round(no_statistics.top1, 3),
-                            round(off_trajectory(no_statistics.state, ddp.initial, ddp.final, params), 3))
+    top1, off = round(no_statistics.top1, 3), round(off_trajectory(no_statistics.state, ddp.initial,
+                                                                   ddp.after[BATCHNORM_STEPS], params), 3)
 
-    print(f"correct: top-1 {correct.top1:.3f}, off DDP's trajectory {correct_off:.2e} "
-          f"({correct_short_off:.2e} at step {SHORT_STEPS}); broken at step {SHORT_STEPS} (top-1, off trajectory): "
-          f"{short_report}; BatchNorm statistics not applied at step {STEPS}: {no_statistics_report}")
+    print(f"correct: top-1 {correct.top1:.3f} ({correct_batchnorm_top1:.3f} at step {BATCHNORM_STEPS}), off DDP's "
+          f"trajectory {correct_off:.2e} ({correct_short_off:.2e} at step {SHORT_STEPS}); broken at step "
+          f"{SHORT_STEPS} (top-1, off trajectory): {short_report}; BatchNorm statistics not applied at step "
+          f"{BATCHNORM_STEPS}: {(top1, off)}")
     on_track = {name: r for name, r in short_report.items() if r[1] <= TRAJECTORY_TOLERANCE}
     assert not on_track, f"broken update rules stayed on DDP's trajectory for {SHORT_STEPS} steps: {on_track}"
-    top1, off = no_statistics_report
-    assert not (top1 >= THRESHOLD and off <= TRAJECTORY_TOLERANCE), \
-        f"a server that drops the BatchNorm statistics met both criteria: {no_statistics_report}"
+    assert not (top1 >= BATCHNORM_BOUND and off <= TRAJECTORY_TOLERANCE), \
+        f"a server that drops the BatchNorm statistics met both criteria: {(top1, off)}"

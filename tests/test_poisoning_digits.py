@@ -25,7 +25,7 @@ from paramhub.common.layout import PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient
 from test_convergence_digits import (  # noqa: F401 (fixture)
-    BATCH, LR, MOMENTUM, digits, held_out_top1, record_version, run_workers)
+    BATCH, LR, MOMENTUM, digits, held_out_top1, record_versions, run_workers)
 
 pytest.importorskip("sklearn", reason="the digits come with scikit-learn (make install installs it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -71,11 +71,12 @@ def poison(port: int, stop: threading.Event, errors: list) -> None:
         errors.append(exc)
 
 
-def attacked_run(start_server, digits, steps: int, record: int = 0, **server_options):  # noqa: F811 (fixture)
+def attacked_run(start_server, digits, steps: int, record: int | None = None,  # noqa: F811 (fixture)
+                 **server_options) -> tuple[float, float | None]:
     """(held-out top-1 after ``steps``, held-out top-1 at version ``record`` or None)."""
     server = start_server(model="resnet18", num_classes=10, workers=3, mode="sync", update="grad", lr=LR,
                           momentum=MOMENTUM, max_steps=steps, **server_options)
-    recorded = record_version(server, record)
+    recorded = record_versions(server, record)
     stop, errors = threading.Event(), []
     attacker = threading.Thread(target=poison, args=(server.port, stop, errors), daemon=True)
     attacker.start()
@@ -88,7 +89,7 @@ def attacked_run(start_server, digits, steps: int, record: int = 0, **server_opt
     assert server.store.version == steps
     applied = {entry.worker_id for entry in server.engine.ledger.entries}
     assert len(applied) == 3, "the poisoner's pushes were not part of the rounds: the test shows nothing"
-    return outcome.top1, held_out_top1(recorded, *digits[1:]) if recorded else None
+    return outcome.top1, held_out_top1(recorded[record], *digits[1:]) if record is not None else None
 
 
 def test_clipping_keeps_training_on_track_with_a_poisoning_worker(start_server, digits):  # noqa: F811
