@@ -46,8 +46,7 @@ TRAJECTORY_TOLERANCE = 0.01
 # Where the broken update rules are compared with DDP. Off DDP's trajectory after 80 steps (one run): applied
 # twice 1.67, summed 3.29, momentum dropped 0.96; after 10 steps: 2.15, 4.34, 0.90, the correct server 0 (bit-
 # identical), so the margin to the 1% tolerance is 90x. Top-1 tells nothing apart this early (0.10 for DDP and
-# the first two, chance), so at SHORT_STEPS the trajectory alone must reject them. 10 steps instead of 80 for
-# each: the test took 102 s instead of 172 s (call, 2-core Xeon).
+# the first two, chance), so at SHORT_STEPS the trajectory alone must reject them. 10 steps instead of 80 each.
 SHORT_STEPS = 10
 # Held-out top-1 after 60 steps: DDP 0.894, 0.866, 0.897 for seeds 0-2 (BENCHMARKS.md), this test's correct
 # server 0.911 (DDP's rank 0 0.908); without the BatchNorm statistics 0.10 (chance) after 60 and after 80 steps.
