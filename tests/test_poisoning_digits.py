@@ -35,8 +35,9 @@ NOISE_NORM = 1000.0  # an honest gradient's norm here is about 1-10
 # With the clip, measured 0.942 and 0.894 (the clip's median depends on the order pushes arrive in);
 # without it 0.095-0.097, chance 0.1. test_convergence_digits.THRESHOLD (0.90) is for a fleet without attackers.
 CLIPPED_THRESHOLD = 0.85
-# The negative control stops at step 60, not 80: held-out top-1 at step 60, measured in three clipped runs 0.788,
-# 0.760 and 0.891 (at step 50 0.733 and 0.448, too close to call); unclipped 0.109 and 0.125 at 60, 0.097 at 80.
+# The negative control stops at step 60, not 80: held-out top-1 at step 60, measured in five clipped runs 0.788,
+# 0.760, 0.891, 0.900, 0.838 (at step 50 0.733 and 0.448, too close to call); unclipped 0.109-0.125 at 60 (four
+# runs), 0.097 at 80.
 UNCLIPPED_STEPS = 60
 CHANCE_BOUND = 0.5
 
