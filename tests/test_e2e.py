@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
+from click.testing import CliRunner
 
 from paramhub.common.checkpoint import list_checkpoints, load_checkpoint, load_model_state
 from paramhub.tools.cluster import LocalCluster
@@ -69,14 +71,26 @@ def test_worker_gives_up_on_a_missing_server_naming_the_address():
     assert f"127.0.0.1:{port}" in result.stderr and "unreachable" in result.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
+BAD_FLAGS = [
     (["paramhub.ps.cli", "--mode", "bogus"], "Invalid value for '--mode'"),
     (["paramhub.ps.cli", "--workers", "2", "--backup-workers", "2"], "--backup-workers"),
     (["paramhub.ps.cli", "--chunk-bytes", "100"], "Invalid value for '--chunk-bytes'"),
     (["paramhub.worker.cli", "--server", "no-port"], "expected host:port"),
     (["paramhub.worker.cli", "--shard", "3", "--num-shards", "2"], "--shard"),
-])
-def test_bad_flags_get_a_usage_error(argv, message):
+]
+
+
+@pytest.mark.parametrize("argv, message", [BAD_FLAGS[0], BAD_FLAGS[3]], ids=["ps.cli", "worker.cli"])
+def test_each_script_exits_with_a_usage_error_on_a_bad_flag(argv, message):
     result = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS)
+def test_bad_flags_get_a_usage_error(argv, message):
+    """Every bad flag in-process: the scripts' own click commands, standalone as a process runs them (exit 2 and
+    the message); a process per flag costs seconds of imports each, and the test above runs each script so."""
+    result = CliRunner().invoke(importlib.import_module(argv[0]).main, argv[1:])
+    assert result.exit_code == 2, result.output
     assert message in result.stderr

@@ -8,8 +8,9 @@ finite and below --max-update-abs, so only the robust rule stands in its way.
 
 - With ``--clip-factor 3`` the model must still reach CLIPPED_THRESHOLD (0.85; the honest recipe's DDP
   reaches 0.93-0.94).
-- Without it (the negative control) the same fleet must end near chance: the attack
-  is real, so the clip is what saved the first run.
+- Without it (the negative control) the same fleet must be near chance after UNCLIPPED_STEPS,
+  where the clipped run was already past CHANCE_BOUND: the attack is real, so the clip is
+  what saved the first run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from conftest import fast_timeouts
 from paramhub.common.layout import PARAM
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.worker.client import PSClient
-from test_convergence_digits import BATCH, LR, MOMENTUM, digits, run_workers  # noqa: F401 (fixture)
+from test_convergence_digits import (  # noqa: F401 (fixture)
+    BATCH, LR, MOMENTUM, digits, held_out_top1, record_versions, run_workers)
 
 pytest.importorskip("sklearn", reason="the digits come with scikit-learn (make install installs it)")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,6 +35,11 @@ NOISE_NORM = 1000.0  # an honest gradient's norm here is about 1-10
 # With the clip, measured 0.942 and 0.894 (the clip's median depends on the order pushes arrive in);
 # without it 0.095-0.097, chance 0.1. test_convergence_digits.THRESHOLD (0.90) is for a fleet without attackers.
 CLIPPED_THRESHOLD = 0.85
+# The negative control stops at step 60, not 80: held-out top-1 at step 60, measured in five clipped runs 0.788,
+# 0.760, 0.891, 0.900, 0.838 (at step 50 0.733 and 0.448, too close to call); unclipped 0.109-0.125 at 60 (four
+# runs), 0.097 at 80.
+UNCLIPPED_STEPS = 60
+CHANCE_BOUND = 0.5
 
 
 def poison(port: int, stop: threading.Event, errors: list) -> None:
@@ -65,9 +72,12 @@ def poison(port: int, stop: threading.Event, errors: list) -> None:
         errors.append(exc)
 
 
-def attacked_run(start_server, digits, **server_options) -> float:  # noqa: F811 (fixture)
+def attacked_run(start_server, digits, steps: int, record: int | None = None,  # noqa: F811 (fixture)
+                 **server_options) -> tuple[float, float | None]:
+    """(held-out top-1 after ``steps``, held-out top-1 at version ``record`` or None)."""
     server = start_server(model="resnet18", num_classes=10, workers=3, mode="sync", update="grad", lr=LR,
-                          momentum=MOMENTUM, max_steps=STEPS, **server_options)
+                          momentum=MOMENTUM, max_steps=steps, **server_options)
+    recorded = record_versions(server, record)
     stop, errors = threading.Event(), []
     attacker = threading.Thread(target=poison, args=(server.port, stop, errors), daemon=True)
     attacker.start()
@@ -77,15 +87,19 @@ def attacked_run(start_server, digits, **server_options) -> float:  # noqa: F811
         stop.set()
         attacker.join(timeout=60)
     assert not errors, errors
-    assert server.store.version == STEPS
+    assert server.store.version == steps
     applied = {entry.worker_id for entry in server.engine.ledger.entries}
     assert len(applied) == 3, "the poisoner's pushes were not part of the rounds: the test shows nothing"
-    return outcome.top1
+    return outcome.top1, held_out_top1(recorded[record], *digits[1:]) if record is not None else None
 
 
 def test_clipping_keeps_training_on_track_with_a_poisoning_worker(start_server, digits):  # noqa: F811
-    clipped = attacked_run(start_server, digits, clip_factor=3.0)
-    unclipped = attacked_run(start_server, digits)
-    print(f"held-out top-1 with a poisoner: clipped {clipped:.3f}, unclipped {unclipped:.3f}")
+    clipped, clipped_early = attacked_run(start_server, digits, STEPS, record=UNCLIPPED_STEPS, clip_factor=3.0)
+    unclipped, _ = attacked_run(start_server, digits, UNCLIPPED_STEPS)
+    print(f"held-out top-1 with a poisoner: clipped {clipped:.3f} ({clipped_early:.3f} at step {UNCLIPPED_STEPS}), "
+          f"unclipped {unclipped:.3f} at step {UNCLIPPED_STEPS}")
     assert clipped >= CLIPPED_THRESHOLD, f"with --clip-factor 3 the model reached only {clipped:.3f}"
-    assert unclipped < 0.5, f"the unclipped run reached {unclipped:.3f}: the attack did no harm, the test shows nothing"
+    assert clipped_early >= CHANCE_BOUND, \
+        f"the clipped run was at {clipped_early:.3f} at step {UNCLIPPED_STEPS}: too early to tell harm from slowness"
+    assert unclipped < CHANCE_BOUND, \
+        f"the unclipped run reached {unclipped:.3f}: the attack did no harm, the test shows nothing"

@@ -62,12 +62,22 @@ def rank_mean(ranks: list[dict], name: str) -> torch.Tensor:
     return mean.round().to(ranks[0][name].dtype) if not ranks[0][name].is_floating_point() else mean
 
 
-@pytest.fixture(params=[0.0, 0.9], ids=["plain", "momentum"])
-def runs(request, start_server, tmp_path):
-    """(paramhub's published states by version, DDP's per-rank states by step, initial state, param names)."""
+@pytest.fixture(scope="module", params=[0.0, 0.9], ids=["plain", "momentum"])
+def runs(request, tmp_path_factory):
+    """(paramhub's published states by version, DDP's per-rank states by step, initial state, param names).
+
+    Module-scoped: both tests read the same pair of runs (the tests only read them), one pair per momentum.
+    """
+    from paramhub.common.config import ServerConfig
+    from paramhub.ps.server import PSServer
+
     momentum = request.param
-    server = start_server(model="resnet18", num_classes=CLASSES, workers=WORKERS, mode="sync", update="grad",
-                          lr=LR, momentum=momentum, max_steps=STEPS)
+    tmp_path = tmp_path_factory.mktemp("versus-ddp")
+    server = PSServer(ServerConfig(host="127.0.0.1", port=0, model="resnet18", num_classes=CLASSES, workers=WORKERS,
+                                   mode="sync", update="grad", lr=LR, momentum=momentum, max_steps=STEPS,
+                                   timeouts=fast_timeouts(), done_grace_s=1.0))
+    server.start()
+    request.addfinalizer(lambda: server.shutdown(grace=0))
     initial = {k: v.clone() for k, v in server.model_state(server.store.snapshot().regions).items()}
     params = [t.name for t in server.layout.tensors if t.role == "param"]
     published = record_published(server)

@@ -47,9 +47,9 @@ def test_split_train_evaluate_export(tmp_path):
     assert (shards / "shard-00000").is_dir() and (shards / "val" / "red").is_dir()
 
     with LocalCluster(tmp_path / "run") as cluster:
-        cluster.start_server("--model", "resnet18", "--num-classes", "3", "--workers", "2", "--max-steps", "24",
+        cluster.start_server("--model", "resnet18", "--num-classes", "3", "--workers", "2", "--max-steps", "12",
                              "--lr", "0.01", "--momentum", "0.5", "--checkpoint-dir", str(ckpt),
-                             "--eval-data", str(shards / "val"), "--eval-every", "12", "--eval-image-size", "32")
+                             "--eval-data", str(shards / "val"), "--eval-every", "6", "--eval-image-size", "32")
         for shard in (0, 1):
             cluster.start_worker(shard, "--data", str(shards), "--image-size", "32", "--batch-size", "8",
                                  "--log-every", "10")
@@ -61,10 +61,11 @@ def test_split_train_evaluate_export(tmp_path):
 
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"version", "top1", "top5", "loss"} <= set(metrics[-1])
-    assert metrics[-1]["version"] == 24
-    assert metrics[-1]["top1"] >= 0.8, metrics  # chance is 1/3
+    assert metrics[-1]["version"] == 12
+    # chance is 1/3; ps-eval measured 0.83 at version 5, 1.0 at 11 and 12 (with 24 steps: 1.0 from version 7 on)
+    assert metrics[-1]["top1"] >= 0.8, metrics
     server_metrics = [json.loads(line) for line in (ckpt / "server_metrics.jsonl").read_text().splitlines()]
-    assert [m["version"] for m in server_metrics] == [12, 24]
+    assert [m["version"] for m in server_metrics] == [6, 12]
     assert (best / "best.safetensors").is_file()
 
     exported = tmp_path / "model.safetensors"
