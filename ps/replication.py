@@ -33,6 +33,7 @@ from paramhub.ps import replica_wire as wire
 from paramhub.ps.consistency import AppliedUpdate, ConsistencyEngine
 from paramhub.ps.cut import Cut
 from paramhub.ps.errors import Unavailable
+from paramhub.ps.identity import printable
 from paramhub.ps.ledger import Ledger
 from paramhub.ps.registry import WorkerRegistry
 
@@ -171,6 +172,7 @@ class Replicator:
         self._queue: collections.deque[AppliedUpdate] = collections.deque()
         self._last_ack = 0.0
         self.acked = 0  # the newest version the attached standby acked
+        self._offered = 0  # the newest version whose stream to the standby has begun: no ack may pass it
         self.state = "none"  # none (never had a standby), attached, unprotected
         self.standby_address = ""
         self.bytes_sent = 0
@@ -242,6 +244,7 @@ class Replicator:
                 if self._session is not None:
                     self._detach(self._session, "replaced by a new stream")
                 self._session, self.acked, self._last_ack = session, version, time.monotonic()
+                self._offered = version
                 self.engine.on_published = self.on_published  # under the store's lock: no version falls between
                 self._queue.clear()
                 self.state, self.standby_address = "attached", address
@@ -276,6 +279,8 @@ class Replicator:
                     return
                 update = self._queue.popleft() if self._queue else None
             if update is not None:
+                with self._cond:
+                    self._offered = update.version
                 yield from self._sent(wire.encode(pb.REPLICA_KIND_UPDATE, update.version, self.role.term,
                                                   wire.update_meta(update), wire.update_tensors(update),
                                                   self.chunk_bytes))
@@ -296,6 +301,13 @@ class Replicator:
             for ack in acks:
                 with self._cond:
                     if self._session is not session:
+                        return
+                    if ack.version > self._offered:  # a version it was never sent: a broken or lying peer
+                        log.warning("standby %s acked version %d, but was sent only up to %d: detached",
+                                    printable(self.standby_address), ack.version, self._offered,
+                                    extra={"event": "standby_ack_refused", "acked": ack.version,
+                                           "offered": self._offered})
+                        self._detach(session, "acked a version it was never sent")
                         return
                     self.acked = max(self.acked, ack.version)
                     self._last_ack = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -140,7 +141,14 @@ class StalledStandby:
                                             request_serializer=pb.ReplicaAck.SerializeToString,
                                             response_deserializer=lambda raw: raw)
         self.call = follow(iter(self.acks.get, None))
-        threading.Thread(target=lambda: [None for _ in self.call], daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for _ in self.call:
+                pass
+        except grpc.RpcError:
+            pass  # the primary ended the stream (detached us) or we cancelled it
 
     def close(self):
         self.acks.put(None)
@@ -310,3 +318,30 @@ def test_a_promoted_standby_continues_the_epochs_of_data_leases_exactly(start_se
         assert standby.engine.leases.completed == 1
     finally:
         client.close()
+
+
+def test_a_standby_that_acks_a_version_it_was_never_sent_is_detached(start_server, connect):
+    """An ack is bounded by what was streamed: a peer acking the future would open the durability gate for
+    versions no standby holds. It is detached instead, and the primary says it runs unprotected."""
+    primary = start_server(mode="async", workers=1, replication_timeout=30.0)
+    liar = StalledStandby(primary.port)
+    try:
+        wait_for(lambda: primary.replicator.state == "attached", 10, "attached")
+        liar.acks.put(pb.ReplicaAck(version=1_000_000))
+        wait_for(lambda: primary.replicator.state == "unprotected", 10, "the lying standby detached")
+        assert primary.replicator.acked == 0
+    finally:
+        liar.close()
+
+
+def test_the_same_ack_of_what_was_sent_keeps_the_standby(start_server, connect):
+    """The control: an ack of the snapshot's version (what it was sent) keeps the standby attached."""
+    primary = start_server(mode="async", workers=1, replication_timeout=30.0)
+    honest = StalledStandby(primary.port)
+    try:
+        wait_for(lambda: primary.replicator.state == "attached", 10, "attached")
+        honest.acks.put(pb.ReplicaAck(version=0))
+        time.sleep(0.5)  # nothing to wait for: the point is that no detach follows
+        assert primary.replicator.state == "attached"
+    finally:
+        honest.close()
