@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -111,12 +111,6 @@ class Spans:
         return taken
 
 
-def split(span: Span, size: int) -> Iterator[Span]:
-    """``span`` cut into consecutive pieces of at most ``size`` positions."""
-    for start in range(span.start, span.end, size):
-        yield Span(span.epoch, start, min(span.end, start + size))
-
-
 @functools.lru_cache(maxsize=4)
 def _order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     order = np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -136,6 +130,11 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
         raise ValueError(f"epoch_order needs num_samples >= 1, seed >= 0, epoch >= 0; got {num_samples}, {seed}, "
                          f"{epoch}")
     return _order(num_samples, seed, epoch)
+
+
+def spans_from_wire(ranges: Iterable) -> list[Span]:
+    """``DataRange`` messages as spans (values as sent; the server's ``LeaseTable.claim`` checks them)."""
+    return [Span(r.epoch, r.start, r.end) for r in ranges]
 
 
 def samples_of(spans: Iterable[Span], num_samples: int, seed: int) -> list[tuple[int, int]]:

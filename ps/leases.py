@@ -19,7 +19,7 @@ that was not done. No lock of its own: the engine calls it under the store's loc
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from paramhub.common.leases import Span, Spans
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument
@@ -278,8 +278,3 @@ class LeaseTable:
                 pending.remove(start, end)
             self._pending[epoch] = pending
             self.next_epoch = max(self.next_epoch, epoch + 1)
-
-
-def spans_from_wire(ranges: Iterable) -> list[Span]:
-    """``DataRange`` messages as spans (values as sent; ``LeaseTable.claim`` checks them)."""
-    return [Span(r.epoch, r.start, r.end) for r in ranges]

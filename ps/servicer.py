@@ -25,12 +25,12 @@ import torch
 
 from paramhub.common import codec, codecs
 from paramhub.common.layout import PARAM, Layout, LayoutError
+from paramhub.common.leases import spans_from_wire
 from paramhub.common.pb import paramhub_pb2 as pb
 from paramhub.ps.consistency import ConsistencyEngine, PushResult, StagedPush
 from paramhub.ps.errors import Busy, FailedPrecondition, InvalidArgument, NotFound, PSError, Unavailable, abort_rpc
 from paramhub.ps.identity import check_join, printable
 from paramhub.ps.intake import Ticket
-from paramhub.ps.leases import spans_from_wire
 from paramhub.ps.limits import StallGuard, StreamLimits, guarded_receives, guarded_sends, peer_host
 from paramhub.ps.metrics import MetricsHook
 from paramhub.ps.registry import WorkerRegistry

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from helpers_unit import property_settings
-from paramhub.common.leases import Span, Spans, epoch_order, samples_of, split
+from paramhub.common.leases import Span, Spans, epoch_order, samples_of
 from paramhub.ps.errors import FailedPrecondition, InvalidArgument
 from paramhub.ps.leases import LeaseTable, NotLeased
 
@@ -61,8 +61,7 @@ def test_spans_hold_exactly_the_positions_a_set_holds(sequence):
             assert spans.overlaps(probe, probe + 5) == bool(window & reference)
 
 
-def test_split_and_the_epoch_order():
-    assert list(split(Span(1, 0, 10), 4)) == [Span(1, 0, 4), Span(1, 4, 8), Span(1, 8, 10)]
+def test_the_epoch_order():
     order = epoch_order(100, seed=7, epoch=3)
     assert sorted(order.tolist()) == list(range(100))  # a permutation
     # the exact call the wire contract names, so any client can compute it

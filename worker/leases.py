@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from paramhub.common.leases import Span, epoch_order
+from paramhub.common.leases import Span, samples_of, spans_from_wire
 from paramhub.common.pb import paramhub_pb2 as pb
 
 
@@ -56,14 +56,13 @@ class LeasedBatches:
                 missing -= end - lease.start
         return planned
 
-    def indices(self, spans: Sequence[Span]) -> list[int]:
-        """The dataset indices of ``spans``' positions, in order."""
-        n = len(self.dataset)
-        return [int(i) for span in spans for i in epoch_order(n, self.seed, span.epoch)[span.start:span.end]]
+    def samples(self, spans: Sequence[Span]) -> list[tuple[int, int]]:
+        """(epoch, dataset index) of every position of ``spans``, in order."""
+        return samples_of(spans, len(self.dataset), self.seed)
 
     def batches(self, spans: Sequence[Span]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of ``spans``' samples, ``batch_size`` at a time (the last one may be smaller)."""
-        indices = self.indices(spans)
+        indices = [index for _, index in self.samples(spans)]
         for start in range(0, len(indices), self.batch_size):
             yield default_collate([self.dataset[i] for i in indices[start:start + self.batch_size]])
 
@@ -83,12 +82,10 @@ class SampleLog:
 
     def record(self, header: pb.PushHeader) -> None:
         """Logs the push about to be sent: its key and the (epoch, sample index) of every position it names."""
-        spans = [Span(r.epoch, r.start, r.end) for r in header.trained]
-        epochs = [span.epoch for span in spans for _ in range(len(span))]
         self._file.write(json.dumps({
             "worker_id": header.worker_id, "incarnation": header.incarnation, "sequence": header.sequence,
             "base_version": header.base_version,
-            "samples": [list(pair) for pair in zip(epochs, self._batches.indices(spans))],
+            "samples": [list(pair) for pair in self._batches.samples(spans_from_wire(header.trained))],
         }) + "\n")
         self._file.flush()
 
